@@ -1,0 +1,1 @@
+"""Plain-Python core of photoset. Nothing in this package imports Dagster."""
