@@ -12,6 +12,7 @@ pytest_plugins = [
     "photoset_dagster_tests.fixtures_http",
     "photoset_dagster_tests.fixtures_models",
     "photoset_dagster_tests.fixtures_dataset",
+    "photoset_dagster_tests.fixtures_dagster",
 ]
 
 

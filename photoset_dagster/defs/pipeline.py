@@ -1,0 +1,256 @@
+"""The per-image pipeline, shared by the partitioned asset and the catch-up job.
+
+One function runs the selected stages in pipeline order over a list of image ids, inside one
+process, so each model loads once per run. Every image that finishes a stage is logged at once as
+a per-partition materialization (a crash keeps everything logged so far, and the files written so
+far are complete); images that fail are reported with their reason and retried by the next run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from .. import passes
+from ..core.download import Downloader
+from ..core.lock import data_lock
+from ..core.photolist import PhotoItem, load_listing
+from ..core.progress import ProgressMeter
+from ..core.sync import SyncOptions, sync_images
+from .resources import CaptionModel, Dinov3Model, FluxVaeModel, PhotosetConfig, T5Model
+
+APPROVED_LINKS = "approved_links"
+IMAGE_FACTS = "image_facts"
+CAPTIONS = "captions"
+DINOV3 = "dinov3_embeddings"
+VAE = "vae_latents"
+T5 = "t5_hidden"
+# Pipeline order: each stage only needs stages before it.
+STAGES: tuple[str, ...] = (APPROVED_LINKS, IMAGE_FACTS, CAPTIONS, DINOV3, VAE, T5)
+MODEL_STAGES: tuple[str, ...] = (CAPTIONS, DINOV3, VAE, T5)
+# The short pass names of the seed's --pass flag.
+PASS_STAGES: dict[str, tuple[str, ...]] = {
+    "sync": (APPROVED_LINKS,),
+    "facts": (IMAGE_FACTS,),
+    "captions": (IMAGE_FACTS, CAPTIONS),
+    "dinov3": (IMAGE_FACTS, DINOV3),
+    "vae": (IMAGE_FACTS, VAE),
+    "t5": (T5,),
+    "all": (IMAGE_FACTS, CAPTIONS, DINOV3, VAE, T5),
+}
+MAX_CAPTION_PREVIEW = 400
+
+
+@dataclass
+class ModelResources:
+    dinov3: Dinov3Model
+    captioner: CaptionModel
+    flux_vae: FluxVaeModel
+    t5: T5Model
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    done: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_row(self) -> str:
+        rate = self.done / self.seconds if self.seconds > 0 else 0.0
+        return f"| {self.stage} | {self.done} | {self.skipped} | {len(self.failed)} | {self.seconds:.1f} | {rate:.2f} |"
+
+
+def _record_metadata(stage: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Small, useful per-image metadata (what a person checks when clicking one partition)."""
+    if stage == IMAGE_FACTS:
+        keys = ("width", "height", "aspect_bucket", "format", "mode", "frames")
+        return {k: record[k] for k in keys if k in record}
+    if stage == CAPTIONS:
+        caption = record.get("caption", "")
+        return {
+            "caption": dg.MetadataValue.text(caption[:MAX_CAPTION_PREVIEW]),
+            "words": len(caption.split()),
+            "recipe_hash": record.get("recipe_hash", ""),
+        }
+    meta: dict[str, Any] = {
+        "shape": str(tuple(record.get("shape", ()))),
+        "dtype": record.get("dtype", ""),
+        "recipe_hash": record.get("recipe_hash", ""),
+    }
+    if stage == T5:
+        meta["token_count"] = record.get("token_count", 0)
+    return meta
+
+
+class _Reporter:
+    """Turns per-image callbacks into Dagster events and progress lines."""
+
+    def __init__(self, context: dg.OpExecutionContext, stage: str, total: int, emit_skipped: Collection[str]):
+        self.context = context
+        self.stage = stage
+        self.asset_key = dg.AssetKey(stage)
+        self.meter = ProgressMeter(stage, total, context.log.info)
+        self.failed: dict[str, str] = {}
+        self._emit_skipped = emit_skipped
+
+    def done(self, image_id: str, record: dict[str, Any]) -> None:
+        self.context.log_event(
+            dg.AssetMaterialization(asset_key=self.asset_key, partition=image_id, metadata=_record_metadata(self.stage, record))
+        )
+        self.meter.advance()
+
+    def fail(self, image_id: str, reason: str) -> None:
+        self.failed[image_id] = reason
+        self.context.log.warning(f"{self.stage}: {image_id}: {reason}")
+        self.meter.advance()
+
+    def skipped(self, image_ids: Sequence[str]) -> None:
+        """Current artefacts Dagster has not recorded yet (e.g. made by an earlier tool) get an event too."""
+        for image_id in image_ids:
+            if image_id in self._emit_skipped:
+                self.context.log_event(
+                    dg.AssetMaterialization(
+                        asset_key=self.asset_key, partition=image_id, metadata={"reused": True}
+                    )
+                )
+
+
+def run_image_pipeline(
+    context: dg.OpExecutionContext,
+    image_ids: Sequence[str],
+    stages: Collection[str],
+    photoset: PhotosetConfig,
+    models: ModelResources,
+    *,
+    force: bool = False,
+    sync_options: SyncOptions | None = None,
+    unrecorded: dict[str, set[str]] | None = None,
+) -> list[StageSummary]:
+    """Run ``stages`` (in pipeline order) over ``image_ids``; returns one summary per stage run.
+
+    ``unrecorded[stage]`` lists ids whose artefact is current but has no Dagster materialization
+    yet; they get one so the UI shows the truth (the catch-up job passes it).
+    """
+    layout = photoset.layout
+    layout.ensure_dirs()
+    unrecorded = unrecorded or {}
+    summaries: list[StageSummary] = []
+    ids = list(image_ids)
+    # Shared: passes may run side by side; prune takes it exclusively (no resurrected files).
+    with data_lock(layout.lock_path, exclusive=False):
+        for stage in STAGES:
+            if stage not in stages:
+                continue
+            reporter = _Reporter(context, stage, len(ids), unrecorded.get(stage, set()))
+            if stage == APPROVED_LINKS:
+                summaries.append(_sync_stage(context, ids, photoset, sync_options or SyncOptions(), reporter))
+                if (sync_options or SyncOptions()).dry_run:
+                    break  # nothing downstream may run on files a dry run did not produce
+                continue
+            result = _run_pass(stage, layout, ids, models, force, reporter)
+            reporter.skipped(result.skipped)
+            summaries.append(
+                StageSummary(stage, len(result.done), len(result.skipped), dict(result.failed), result.seconds)
+            )
+            context.log.info(
+                f"{stage}: {len(result.done)} done, {len(result.skipped)} current, {len(result.failed)} failed "
+                f"in {result.seconds:.1f}s ({result.images_per_s:.2f} images/s)"
+            )
+    return summaries
+
+
+def _run_pass(stage: str, layout, ids: list[str], models: ModelResources, force: bool, reporter: _Reporter):
+    callbacks = {"force": force, "on_done": reporter.done, "on_failed": reporter.fail}
+    if stage == IMAGE_FACTS:
+        return passes.run_facts_pass(layout, ids, **callbacks)
+    if stage == CAPTIONS:
+        return passes.run_caption_pass(
+            layout,
+            ids,
+            models.captioner.settings(),
+            models.captioner.get,
+            input_mode=models.captioner.input_mode,
+            **callbacks,
+        )
+    if stage == DINOV3:
+        return passes.run_dinov3_pass(layout, ids, models.dinov3.settings(), models.dinov3.get, **callbacks)
+    if stage == VAE:
+        return passes.run_vae_pass(layout, ids, models.flux_vae.settings(), models.flux_vae.get, **callbacks)
+    if stage == T5:
+        return passes.run_t5_pass(layout, ids, models.t5.settings(), models.t5.get, **callbacks)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _sync_stage(
+    context: dg.OpExecutionContext,
+    ids: list[str],
+    photoset: PhotosetConfig,
+    options: SyncOptions,
+    reporter: _Reporter,
+) -> StageSummary:
+    layout = photoset.layout
+    listing = load_listing(layout.photo_list_path)
+    urls = {item.image_id: item.url for item in listing.items} if listing else {}
+    items = [PhotoItem(image_id, urls.get(image_id)) for image_id in ids]
+    with photoset.http_client() as client:
+        downloader = Downloader(
+            client,
+            photoset.retry_policy,
+            concurrency=photoset.download_concurrency,
+            max_bytes=photoset.max_file_bytes,
+            allow_http=photoset.allow_http,
+        )
+        started = time.monotonic()
+        stats = sync_images(items, layout, downloader, options, log=context.log.info)
+        seconds = time.monotonic() - started
+    for line in stats.summary_lines():
+        context.log.info(line)
+    if not options.dry_run:
+        for image_id, ext in stats.linked.items():
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=reporter.asset_key,
+                    partition=image_id,
+                    metadata={"link": f"approved/{image_id}.{ext}", "ext": ext},
+                )
+            )
+    for image_id, reason in stats.failures.items():
+        context.log.warning(f"{APPROVED_LINKS}: {image_id}: {reason}")
+    return StageSummary(
+        APPROVED_LINKS,
+        done=stats.symlink_created + stats.symlink_updated + stats.downloaded,
+        skipped=stats.symlink_unchanged,
+        failed=dict(stats.failures),
+        seconds=seconds,
+    )
+
+
+def summaries_metadata(summaries: Sequence[StageSummary], failure_rows: int = 50) -> dict[str, Any]:
+    """Run-level metadata: a per-stage table and the failures with their reasons."""
+    table = ["| stage | done | current | failed | seconds | images/s |", "|---|---|---|---|---|---|"]
+    table += [s.as_row() for s in summaries]
+    failures = [(s.stage, image_id, reason) for s in summaries for image_id, reason in s.failed.items()]
+    failure_md = ["| stage | image_id | reason |", "|---|---|---|"]
+    failure_md += [f"| {stage} | {image_id} | {reason.replace('|', '/')} |" for stage, image_id, reason in failures[:failure_rows]]
+    if len(failures) > failure_rows:
+        failure_md.append(f"| … | {len(failures) - failure_rows} more | |")
+    return {
+        "stages": dg.MetadataValue.md("\n".join(table)),
+        "failed_images": len(failures),
+        "failures": dg.MetadataValue.md("\n".join(failure_md)) if failures else dg.MetadataValue.text("none"),
+    }
+
+
+def failure_observations(summaries: Sequence[StageSummary]) -> Iterator[dg.AssetObservation]:
+    """One observation per failed image, on that image's partition, so the UI shows why it is missing."""
+    for summary in summaries:
+        for image_id, reason in summary.failed.items():
+            yield dg.AssetObservation(
+                asset_key=dg.AssetKey(summary.stage), partition=image_id, metadata={"error": dg.MetadataValue.text(reason)}
+            )

@@ -1,0 +1,274 @@
+"""Resources: the pipeline's configuration and one lazily-loaded model per family.
+
+Defaults come from environment variables (see README "Configuration"), read once when the
+definitions load; every field can still be overridden per run from the launchpad or run config.
+"""
+
+import gc
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import PrivateAttr
+
+from ..core.http import RetryPolicy, make_client
+from ..core.layout import DataLayout
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
+
+
+class PhotosetConfig(dg.ConfigurableResource):
+    """Where the photo list and data live, and how politely to talk to the API/CDN."""
+
+    data_root: str = "data"
+    photos_url: str = "https://crawlr.lawrenz.com/photos.json"
+    allow_http: bool = False
+    timeout_s: float = 30.0
+    retries: int = 5
+    backoff_cap_s: float = 60.0
+    max_total_wait_s: float = 300.0
+    download_concurrency: int = 16
+    max_file_bytes: int = 200 * 1024 * 1024
+    user_agent: str = "photoset/0.1 (+approved-photo-sync)"
+    prune_max_fraction: float = 0.10
+    jsonl_backups: int = 3
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_root)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(retries=self.retries, backoff_cap_s=self.backoff_cap_s, max_total_wait_s=self.max_total_wait_s)
+
+    def http_client(self):
+        return make_client(
+            timeout_s=self.timeout_s, user_agent=self.user_agent, max_connections=self.download_concurrency
+        )
+
+
+class _ModelResource(dg.ConfigurableResource):
+    """Shared lifecycle: the model loads on first use (so a run that needs no work loads nothing)
+    and is released when the run ends."""
+
+    model_id: str
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+
+    _model: Any = PrivateAttr(default=None)
+
+    def settings(self):  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def get(self):
+        if self._model is None:
+            self._model = self.settings().load()
+        return self._model
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._model is None:
+            return
+        self._model = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is a hard dependency
+            pass
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+        }
+
+
+class Dinov3Model(_ModelResource):
+    """DINOv3 ViT-L/16 image embeddings (CLS, optional patch tokens)."""
+
+    model_id: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    patch_tokens: bool = False
+    batch_size: int = 32
+
+    def settings(self):
+        from ..models.dinov3 import Dinov3Settings
+
+        return Dinov3Settings(**self._common(), patch_tokens=self.patch_tokens)
+
+
+class CaptionModel(_ModelResource):
+    """Gemma 3 captions: in-process transformers, an Ollama server, or an OpenAI-compatible server (vLLM)."""
+
+    model_id: str = "google/gemma-3-27b-it"
+    backend: Literal["transformers", "ollama", "openai"] = "transformers"
+    max_new_tokens: int = 500
+    do_sample: bool = False
+    temperature: float = 0.0
+    ollama_host: str = "http://localhost:11434"
+    ollama_model: str = "gemma3:27b"
+    openai_base_url: str = "http://localhost:8000/v1"
+    openai_model: str = "google/gemma-3-27b-it"
+    openai_api_key: str | None = None
+    concurrency: int = 4
+    timeout_s: float = 300.0
+    input_mode: Literal["bucket", "original"] = "bucket"
+    batch_size: int = 4
+
+    def settings(self):
+        from ..models.captioner import CaptionSettings
+
+        return CaptionSettings(
+            **self._common(),
+            backend=self.backend,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            ollama_host=self.ollama_host,
+            ollama_model=self.ollama_model,
+            openai_base_url=self.openai_base_url,
+            openai_model=self.openai_model,
+            openai_api_key=self.openai_api_key,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+        )
+
+
+class FluxVaeModel(_ModelResource):
+    """Flux VAE latents (16 x H/8 x W/8)."""
+
+    model_id: str = "black-forest-labs/FLUX.1-dev"
+    subfolder: str = "vae"
+    latent: Literal["mode", "sample"] = "mode"
+    seed: int = 0
+    scaled: bool = False
+    input_mode: Literal["bucket", "original"] = "bucket"
+    max_pixels: int = 4 * 1024 * 1024
+    batch_size: int = 8
+
+    def settings(self):
+        from ..models.flux_vae import FluxVaeSettings
+
+        return FluxVaeSettings(
+            **self._common(),
+            subfolder=self.subfolder,
+            latent=self.latent,
+            seed=self.seed,
+            scaled=self.scaled,
+            input_mode=self.input_mode,
+            max_pixels=self.max_pixels,
+        )
+
+
+class T5Model(_ModelResource):
+    """T5-Large encoder hidden states and attention mask for each caption."""
+
+    model_id: str = "t5-large"
+    max_length: int = 77
+    batch_size: int = 64
+
+    def settings(self):
+        from ..models.t5 import T5Settings
+
+        return T5Settings(**self._common(), max_length=self.max_length)
+
+
+# Environment variable -> (resource key, field). One table so the README and the code agree.
+ENV_SETTINGS: dict[str, tuple[str, str]] = {
+    "PHOTOSET_DATA_ROOT": ("photoset", "data_root"),
+    "PHOTOSET_PHOTOS_URL": ("photoset", "photos_url"),
+    "PHOTOSET_ALLOW_HTTP": ("photoset", "allow_http"),
+    "PHOTOSET_TIMEOUT_S": ("photoset", "timeout_s"),
+    "PHOTOSET_RETRIES": ("photoset", "retries"),
+    "PHOTOSET_DOWNLOAD_CONCURRENCY": ("photoset", "download_concurrency"),
+    "PHOTOSET_MAX_FILE_BYTES": ("photoset", "max_file_bytes"),
+    "PHOTOSET_USER_AGENT": ("photoset", "user_agent"),
+    "PHOTOSET_PRUNE_MAX_FRACTION": ("photoset", "prune_max_fraction"),
+    "PHOTOSET_DEVICE": ("*", "device"),
+    "PHOTOSET_DINOV3_MODEL": ("dinov3", "model_id"),
+    "PHOTOSET_DINOV3_REVISION": ("dinov3", "revision"),
+    "PHOTOSET_DINOV3_PATCH_TOKENS": ("dinov3", "patch_tokens"),
+    "PHOTOSET_DINOV3_BATCH_SIZE": ("dinov3", "batch_size"),
+    "PHOTOSET_CAPTION_BACKEND": ("captioner", "backend"),
+    "PHOTOSET_CAPTION_MODEL": ("captioner", "model_id"),
+    "PHOTOSET_CAPTION_REVISION": ("captioner", "revision"),
+    "PHOTOSET_CAPTION_MAX_NEW_TOKENS": ("captioner", "max_new_tokens"),
+    "PHOTOSET_CAPTION_BATCH_SIZE": ("captioner", "batch_size"),
+    "PHOTOSET_OLLAMA_HOST": ("captioner", "ollama_host"),
+    "PHOTOSET_OLLAMA_MODEL": ("captioner", "ollama_model"),
+    "PHOTOSET_OPENAI_BASE_URL": ("captioner", "openai_base_url"),
+    "PHOTOSET_OPENAI_MODEL": ("captioner", "openai_model"),
+    "PHOTOSET_OPENAI_API_KEY": ("captioner", "openai_api_key"),
+    "PHOTOSET_CAPTION_CONCURRENCY": ("captioner", "concurrency"),
+    "PHOTOSET_VAE_MODEL": ("flux_vae", "model_id"),
+    "PHOTOSET_VAE_REVISION": ("flux_vae", "revision"),
+    "PHOTOSET_VAE_LATENT": ("flux_vae", "latent"),
+    "PHOTOSET_VAE_SCALED": ("flux_vae", "scaled"),
+    "PHOTOSET_VAE_INPUT_MODE": ("flux_vae", "input_mode"),
+    "PHOTOSET_VAE_BATCH_SIZE": ("flux_vae", "batch_size"),
+    "PHOTOSET_T5_MODEL": ("t5", "model_id"),
+    "PHOTOSET_T5_REVISION": ("t5", "revision"),
+    "PHOTOSET_T5_MAX_LENGTH": ("t5", "max_length"),
+    "PHOTOSET_T5_BATCH_SIZE": ("t5", "batch_size"),
+}
+
+RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
+    "photoset": PhotosetConfig,
+    "dinov3": Dinov3Model,
+    "captioner": CaptionModel,
+    "flux_vae": FluxVaeModel,
+    "t5": T5Model,
+}
+MODEL_RESOURCE_KEYS = ("dinov3", "captioner", "flux_vae", "t5")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the variable and what it expects."""
+
+
+def _coerce(resource_cls: type[dg.ConfigurableResource], field: str, env_name: str, raw: str) -> Any:
+    annotation = resource_cls.model_fields[field].annotation
+    try:
+        if annotation is bool:
+            return _env_bool({env_name: raw}, env_name, False)
+        if annotation is int:
+            return int(raw)
+        if annotation is float:
+            return float(raw)
+    except ValueError as error:
+        raise ConfigError(f"{env_name}={raw!r}: expected {annotation.__name__}") from error
+    return raw
+
+
+def resources_from_env(env: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Build every resource, taking overrides from ``PHOTOSET_*`` environment variables."""
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, Any]] = {key: {} for key in RESOURCE_CLASSES}
+    for env_name, (key, field) in ENV_SETTINGS.items():
+        raw = env.get(env_name)
+        if raw is None or raw == "":
+            continue
+        targets = MODEL_RESOURCE_KEYS if key == "*" else (key,)
+        for target in targets:
+            values[target][field] = _coerce(RESOURCE_CLASSES[target], field, env_name, raw)
+    try:
+        return {key: cls(**values[key]) for key, cls in RESOURCE_CLASSES.items()}
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"invalid photoset configuration: {error}") from error
