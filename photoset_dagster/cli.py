@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -326,6 +327,8 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Dagster flags beta/preview APIs on every definitions load; the terminal is for pipeline output.
+    warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview).*")
     args = build_parser().parse_args(argv)
     _apply_global_options(args)
     try:

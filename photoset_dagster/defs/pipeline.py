@@ -17,6 +17,7 @@ import dagster as dg
 
 from .. import passes
 from ..core.download import Downloader
+from ..core.links import scan_approved_links
 from ..core.lock import data_lock
 from ..core.photolist import PhotoItem, load_listing
 from ..core.progress import ProgressMeter
@@ -97,7 +98,7 @@ class _Reporter:
         self.asset_key = dg.AssetKey(stage)
         self.meter = ProgressMeter(stage, total, context.log.info)
         self.failed: dict[str, str] = {}
-        self._emit_skipped = emit_skipped
+        self.emit_skipped = emit_skipped
 
     def done(self, image_id: str, record: dict[str, Any]) -> None:
         self.context.log_event(
@@ -113,7 +114,7 @@ class _Reporter:
     def skipped(self, image_ids: Sequence[str]) -> None:
         """Current artefacts Dagster has not recorded yet (e.g. made by an earlier tool) get an event too."""
         for image_id in image_ids:
-            if image_id in self._emit_skipped:
+            if image_id in self.emit_skipped:
                 self.context.log_event(
                     dg.AssetMaterialization(
                         asset_key=self.asset_key, partition=image_id, metadata={"reused": True}
@@ -142,18 +143,24 @@ def run_image_pipeline(
     unrecorded = unrecorded or {}
     summaries: list[StageSummary] = []
     ids = list(image_ids)
+    linked: list[str] | None = None  # ids with an approved link, found once the sync stage is done
     # Shared: passes may run side by side; prune takes it exclusively (no resurrected files).
     with data_lock(layout.lock_path, exclusive=False):
         for stage in STAGES:
             if stage not in stages:
                 continue
-            reporter = _Reporter(context, stage, len(ids), unrecorded.get(stage, set()))
+            recorded_missing = unrecorded.get(stage, set())
             if stage == APPROVED_LINKS:
-                summaries.append(_sync_stage(context, ids, photoset, sync_options or SyncOptions(), reporter))
-                if (sync_options or SyncOptions()).dry_run:
+                options = sync_options or SyncOptions()
+                reporter = _Reporter(context, stage, len(ids), recorded_missing)
+                summaries.append(_sync_stage(context, ids, photoset, options, reporter, emit_all=not unrecorded))
+                if options.dry_run:
                     break  # nothing downstream may run on files a dry run did not produce
                 continue
-            result = _run_pass(stage, layout, ids, models, force, reporter)
+            if linked is None:
+                linked = _with_links(context, layout, ids)
+            reporter = _Reporter(context, stage, len(linked), recorded_missing)
+            result = _run_pass(stage, layout, linked, models, force, reporter)
             reporter.skipped(result.skipped)
             summaries.append(
                 StageSummary(stage, len(result.done), len(result.skipped), dict(result.failed), result.seconds)
@@ -163,6 +170,18 @@ def run_image_pipeline(
                 f"in {result.seconds:.1f}s ({result.images_per_s:.2f} images/s)"
             )
     return summaries
+
+
+def _with_links(context: dg.OpExecutionContext, layout, ids: list[str]) -> list[str]:
+    """Later stages only see images in the approved view; the others were reported by the sync."""
+    links = scan_approved_links(layout)
+    linked = [image_id for image_id in ids if image_id in links]
+    if len(linked) < len(ids):
+        context.log.warning(
+            f"{len(ids) - len(linked)} of {len(ids)} images have no approved link (not downloaded or not an image); "
+            "later stages skip them until a sync links them"
+        )
+    return linked
 
 
 def _run_pass(stage: str, layout, ids: list[str], models: ModelResources, force: bool, reporter: _Reporter):
@@ -193,11 +212,17 @@ def _sync_stage(
     photoset: PhotosetConfig,
     options: SyncOptions,
     reporter: _Reporter,
+    *,
+    emit_all: bool,
 ) -> StageSummary:
+    """Sync the ids; log a materialization per linked id (``emit_all``) or, for a catch-up over the whole
+    list, only where something changed or Dagster has no record yet (not 60k events a night)."""
     layout = photoset.layout
     listing = load_listing(layout.photo_list_path)
     urls = {item.image_id: item.url for item in listing.items} if listing else {}
     items = [PhotoItem(image_id, urls.get(image_id)) for image_id in ids]
+    links_before = scan_approved_links(layout)
+    complete_before = {i for i in ids if i in links_before and layout.raw_path(i).is_file()}
     with photoset.http_client() as client:
         downloader = Downloader(
             client,
@@ -213,18 +238,18 @@ def _sync_stage(
         context.log.info(line)
     if not options.dry_run:
         for image_id, ext in stats.linked.items():
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=reporter.asset_key,
-                    partition=image_id,
-                    metadata={"link": f"approved/{image_id}.{ext}", "ext": ext},
+            changed = image_id not in complete_before or links_before.get(image_id) != [ext]
+            if emit_all or changed or image_id in reporter.emit_skipped:
+                context.log_event(
+                    dg.AssetMaterialization(
+                        asset_key=reporter.asset_key,
+                        partition=image_id,
+                        metadata={"link": f"approved/{image_id}.{ext}", "ext": ext},
+                    )
                 )
-            )
-    for image_id, reason in stats.failures.items():
-        context.log.warning(f"{APPROVED_LINKS}: {image_id}: {reason}")
     return StageSummary(
         APPROVED_LINKS,
-        done=stats.symlink_created + stats.symlink_updated + stats.downloaded,
+        done=stats.links_changed + stats.downloaded,
         skipped=stats.symlink_unchanged,
         failed=dict(stats.failures),
         seconds=seconds,
