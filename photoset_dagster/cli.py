@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _apply_global_options(args: argparse.Namespace) -> None:
+    # One planned event per run instead of one per partition (seconds saved per 1,000 images; the
+    # trade-off, documented in the README: a crashed run does not mark its unfinished partitions failed).
+    os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
     if args.data_root:
         os.environ["PHOTOSET_DATA_ROOT"] = args.data_root
     if args.photos_url:

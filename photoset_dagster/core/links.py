@@ -7,11 +7,12 @@ written or followed: links are only ever read with ``readlink`` and compared lex
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Literal
 
-from .layout import DataLayout, is_valid_image_id
+from .layout import DataLayout, is_valid_image_id, validate_image_id
 
 LinkStatus = Literal["created", "updated", "unchanged"]
 
@@ -60,14 +61,16 @@ def ensure_approved_link(layout: DataLayout, image_id: str, ext: str, *, dry_run
     status: LinkStatus = "updated" if (os.path.lexists(link) or others) else "created"
     if dry_run:
         return status
+    if not (os.path.lexists(link) and _points_at(link, target)):
+        layout.approved_dir.mkdir(parents=True, exist_ok=True)
+        # A new link under a temporary name, then rename over the old one: a crash never leaves no link.
+        temporary = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        os.symlink(target, temporary)
+        os.replace(temporary, link)
     for other in others:
         os.unlink(layout.approved_link(image_id, other))
-    if os.path.lexists(link):
-        if _points_at(link, target):
-            return status
-        os.unlink(link)
-    layout.approved_dir.mkdir(parents=True, exist_ok=True)
-    os.symlink(target, link)
     return status
 
 
@@ -76,7 +79,8 @@ def scan_approved_links_for(layout: DataLayout, image_id: str) -> list[str]:
 
     Probes the known extensions instead of listing the folder, so per-id calls stay O(1) at 60k ids.
     """
-    return [ext for ext in LINK_EXTENSIONS if os.path.islink(layout.approved_link(image_id, ext))]
+    stem = os.path.join(layout.approved_dir, validate_image_id(image_id))
+    return [ext for ext in LINK_EXTENSIONS if os.path.islink(f"{stem}.{ext}")]
 
 
 def remove_approved_links(layout: DataLayout, image_id: str, *, dry_run: bool = False) -> list[Path]:
@@ -88,6 +92,12 @@ def remove_approved_links(layout: DataLayout, image_id: str, *, dry_run: bool = 
     return removed
 
 
+def raw_present(layout: DataLayout, image_id: str) -> bool:
+    """The raw file is a regular file; a symlink at raw/<id> (possibly leading out of the root) is not."""
+    raw = layout.raw_path(image_id)
+    return not raw.is_symlink() and raw.is_file()
+
+
 def is_broken(layout: DataLayout, image_id: str, ext: str) -> bool:
     """True if the link exists but its raw file does not (checked inside the data root only)."""
-    return os.path.lexists(layout.approved_link(image_id, ext)) and not layout.raw_path(image_id).is_file()
+    return os.path.lexists(layout.approved_link(image_id, ext)) and not raw_present(layout, image_id)
