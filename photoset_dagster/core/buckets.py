@@ -42,7 +42,8 @@ def cover_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     scale = max(target_w / width, target_h / height)
     new_w, new_h = max(target_w, math.ceil(width * scale)), max(target_h, math.ceil(height * scale))
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        # reducing_gap: a cheap box pre-shrink first, ~2x faster on multi-megapixel photos.
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
     return image.crop((left, top, left + target_w, top + target_h))
 

@@ -1,0 +1,69 @@
+"""T5 encoder hidden states of captions: (max_length, d_model) float16 plus the tokenizer's attention mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.artefacts import Recipe
+from .common import ModelSettings, guarded_load
+
+MODEL_ENV_VAR = "PHOTOSET_T5_MODEL"
+
+
+@dataclass(frozen=True)
+class T5Settings(ModelSettings):
+    model_id: str = "t5-large"
+    max_length: int = 77
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype == "float16":
+            # T5 activations overflow float16: compute in bf16/fp32, the stored copy is float16 anyway.
+            raise ValueError("T5 cannot compute in float16 (its activations overflow); use bfloat16 or float32")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+
+    def recipe(self) -> Recipe:
+        return self._recipe("t5_hidden", max_length=self.max_length, padding="max_length", truncation=True)
+
+    def load(self) -> T5TextEncoder:
+        # AutoModel would build the encoder-decoder T5Model; only the encoder is wanted.
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        device, dtype = self.torch_device(), self.torch_dtype()
+
+        def load() -> T5TextEncoder:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_id, revision=self.revision)
+            model = T5EncoderModel.from_pretrained(self.model_id, revision=self.revision, dtype=dtype)
+            return T5TextEncoder(model.to(device).eval(), tokenizer, self.max_length)
+
+        return guarded_load("t5", "T5", self.model_id, MODEL_ENV_VAR, load)
+
+
+class T5TextEncoder:
+    def __init__(self, model: torch.nn.Module, tokenizer: object, max_length: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.hidden_size: int = model.config.d_model
+
+    def encode(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(hidden (B, L, D) float16, mask (B, L) uint8): the full padded sequence and the tokenizer's
+        own mask (1 for tokens including EOS, 0 for padding), as the training model's attention expects."""
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        parameter = next(self.model.parameters())
+        with torch.inference_mode():
+            hidden = self.model(
+                input_ids=tokens["input_ids"].to(parameter.device),
+                attention_mask=tokens["attention_mask"].to(parameter.device),
+            ).last_hidden_state
+            stored = hidden.float().half().cpu().numpy()
+        for row in range(len(stored)):
+            if not np.isfinite(stored[row]).all():
+                raise ValueError(f"non-finite T5 hidden states for caption row {row} (float16 overflow or NaN)")
+        return stored, tokens["attention_mask"].numpy().astype(np.uint8)
