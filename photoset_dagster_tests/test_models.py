@@ -223,7 +223,7 @@ def test_http_errors_become_caption_errors_with_reasons(caption_server: CaptionS
 
     caption_server.queue(Reply(500, "boom"), Reply(502, "boom"))
     (gave_up,) = captioner.caption(image)
-    assert isinstance(gave_up, CaptionError) and "HTTP 502" in str(gave_up) and "2 attempts" in str(gave_up)
+    assert isinstance(gave_up, CaptionError) and "HTTP 502" in str(gave_up) and "2 attempt(s)" in str(gave_up)
     assert len(caption_server.requests) == 3
 
     caption_server.queue(Reply(body={"response": " \n\r\n "}))

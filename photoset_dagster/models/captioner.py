@@ -22,6 +22,14 @@ import torch
 from PIL import Image
 
 from ..core.artefacts import Recipe, text_hash
+from ..core.http import (
+    HttpStatusError,
+    RetriesExhausted,
+    RetryPolicy,
+    call_with_retries,
+    raise_for_status,
+    transient_transport_errors,
+)
 from .common import ModelSettings, guarded_load
 
 MODEL_ENV_VAR = "PHOTOSET_CAPTION_MODEL"
@@ -39,8 +47,6 @@ CAPTION_PROMPT = (
 )
 
 Backend = Literal["transformers", "ollama", "openai"]
-_RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_MAX_BACKOFF_S = 60.0
 _JPEG_QUALITY = 95  # the seed sent Pillow's default 75; captions should not describe JPEG artefacts
 
 
@@ -209,28 +215,24 @@ class _HttpCaptioner(ABC):
         return {}
 
     def _post(self, payload: dict[str, Any]) -> Any:
-        attempts = self.settings.retries + 1
-        for attempt in range(attempts):
-            retry_after = 0.0
-            try:
+        def attempt() -> httpx.Response:
+            with transient_transport_errors():
                 response = self._client.post(self.url, json=payload, headers=self._headers())
-            except httpx.TimeoutException:
-                reason = f"timed out after {self.settings.timeout_s:g}s"
-            except httpx.TransportError as exc:
-                reason = f"connection failed: {type(exc).__name__}: {exc}"
-            else:
-                if response.is_success:
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise CaptionError(f"response from {self.url} is not JSON: {exc}") from exc
-                reason = f"HTTP {response.status_code} from {self.url}: {response.text[:200]!r}"
-                if response.status_code not in _RETRYABLE_STATUSES:
-                    raise CaptionError(reason)
-                retry_after = _retry_after_s(response)
-            if attempt + 1 < attempts:
-                time.sleep(min(_MAX_BACKOFF_S, max(retry_after, self.settings.retry_backoff_s * 2**attempt)))
-        raise CaptionError(f"{reason} (gave up after {attempts} attempts)")
+            try:
+                raise_for_status(response)
+            except HttpStatusError as exc:  # the server's own words say why (e.g. "model not found")
+                raise CaptionError(f"{exc} from {self.url}: {response.text[:200]!r}") from exc
+            return response
+
+        policy = RetryPolicy(retries=self.settings.retries, backoff_base_s=self.settings.retry_backoff_s)
+        try:
+            response = call_with_retries(attempt, policy, sleep=time.sleep)
+        except RetriesExhausted as exc:
+            raise CaptionError(f"{self.url}: {exc}") from exc
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise CaptionError(f"response from {self.url} is not JSON: {exc}") from exc
 
 
 class OllamaCaptioner(_HttpCaptioner):
@@ -290,11 +292,3 @@ def _jpeg_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=_JPEG_QUALITY)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _retry_after_s(response: httpx.Response) -> float:
-    """A server's ``Retry-After`` in seconds (the integer form; the HTTP-date form is ignored)."""
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return 0.0
