@@ -116,7 +116,7 @@ def catch_up(
     if config.limit is not None:
         candidates = candidates[: config.limit]
     models = ModelResources(dinov3=dinov3, captioner=captioner, flux_vae=flux_vae, t5=t5)
-    summaries = run_image_pipeline(
+    summaries = yield from run_image_pipeline(
         context,
         candidates,
         stages,

@@ -8,16 +8,18 @@ far are complete); images that fail are reported with their reason and retried b
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 
 from .. import passes
 from ..core.download import Downloader
-from ..core.links import scan_approved_links
+from ..core.links import raw_present, scan_approved_links
 from ..core.lock import data_lock
 from ..core.photolist import PhotoItem, load_listing
 from ..core.progress import ProgressMeter
@@ -44,6 +46,7 @@ PASS_STAGES: dict[str, tuple[str, ...]] = {
     "all": (IMAGE_FACTS, CAPTIONS, DINOV3, VAE, T5),
 }
 MAX_CAPTION_PREVIEW = 400
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,37 +92,80 @@ def _record_metadata(stage: str, record: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-class _Reporter:
-    """Turns per-image callbacks into Dagster events and progress lines."""
+_DONE = object()
 
-    def __init__(self, context: dg.OpExecutionContext, stage: str, total: int, emit_skipped: Collection[str]):
-        self.context = context
+
+@dataclass(frozen=True)
+class _LogLine:
+    level: str
+    message: str
+
+
+class _Reporter:
+    """Runs one stage in a worker thread and hands its per-image events back to the op's thread.
+
+    Dagster persists an event when the op *yields* it (``log_event`` only buffers until the next
+    yield), and its storage is not for concurrent writers. So the worker only queues events and log
+    lines; the op's thread yields them as they come, writing the event log while the models work.
+    """
+
+    def __init__(self, stage: str, total: int, emit_skipped: Collection[str]):
         self.stage = stage
         self.asset_key = dg.AssetKey(stage)
-        self.meter = ProgressMeter(stage, total, context.log.info)
         self.failed: dict[str, str] = {}
         self.emit_skipped = emit_skipped
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.meter = ProgressMeter(stage, total, self.info)
+
+    # --- called from the worker thread -------------------------------------------------------
+    def info(self, message: str) -> None:
+        self._queue.put(_LogLine("info", message))
+
+    def warning(self, message: str) -> None:
+        self._queue.put(_LogLine("warning", message))
+
+    def materialized(self, image_id: str, metadata: dict[str, Any]) -> None:
+        self._queue.put(dg.AssetMaterialization(asset_key=self.asset_key, partition=image_id, metadata=metadata))
 
     def done(self, image_id: str, record: dict[str, Any]) -> None:
-        self.context.log_event(
-            dg.AssetMaterialization(asset_key=self.asset_key, partition=image_id, metadata=_record_metadata(self.stage, record))
-        )
+        self.materialized(image_id, _record_metadata(self.stage, record))
         self.meter.advance()
 
     def fail(self, image_id: str, reason: str) -> None:
         self.failed[image_id] = reason
-        self.context.log.warning(f"{self.stage}: {image_id}: {reason}")
+        self.warning(f"{self.stage}: {image_id}: {reason}")
         self.meter.advance()
 
     def skipped(self, image_ids: Sequence[str]) -> None:
         """Current artefacts Dagster has not recorded yet (e.g. made by an earlier tool) get an event too."""
         for image_id in image_ids:
             if image_id in self.emit_skipped:
-                self.context.log_event(
-                    dg.AssetMaterialization(
-                        asset_key=self.asset_key, partition=image_id, metadata={"reused": True}
-                    )
-                )
+                self.materialized(image_id, {"reused": True})
+
+    # --- called from the op's thread ---------------------------------------------------------
+    def run(self, context: dg.OpExecutionContext, work: Callable[[], T]) -> Iterator[Any]:
+        """Yield the worker's events until ``work`` returns; ``yield from`` gives its result."""
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = work()
+            except BaseException as error:  # re-raised in the op's thread below
+                outcome["error"] = error
+            finally:
+                self._queue.put(_DONE)
+
+        worker = threading.Thread(target=target, name=f"photoset-{self.stage}", daemon=True)
+        worker.start()
+        while (item := self._queue.get()) is not _DONE:
+            if isinstance(item, _LogLine):
+                getattr(context.log, item.level)(item.message)
+            else:
+                yield item
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
 
 def run_image_pipeline(
@@ -132,8 +178,9 @@ def run_image_pipeline(
     force: bool = False,
     sync_options: SyncOptions | None = None,
     unrecorded: dict[str, set[str]] | None = None,
-) -> list[StageSummary]:
-    """Run ``stages`` (in pipeline order) over ``image_ids``; returns one summary per stage run.
+) -> Generator[dg.AssetMaterialization, None, list[StageSummary]]:
+    """Run ``stages`` (in pipeline order) over ``image_ids``, yielding one materialization per image
+    as it is done; returns one summary per stage (``summaries = yield from run_image_pipeline(...)``).
 
     ``unrecorded[stage]`` lists ids whose artefact is current but has no Dagster materialization
     yet; they get one so the UI shows the truth (the catch-up job passes it).
@@ -152,16 +199,21 @@ def run_image_pipeline(
             recorded_missing = unrecorded.get(stage, set())
             if stage == APPROVED_LINKS:
                 options = sync_options or SyncOptions()
-                reporter = _Reporter(context, stage, len(ids), recorded_missing)
-                summaries.append(_sync_stage(context, ids, photoset, options, reporter, emit_all=not unrecorded))
+                reporter = _Reporter(stage, len(ids), recorded_missing)
+                summary = yield from reporter.run(
+                    context, lambda: _sync_stage(ids, photoset, options, reporter, emit_all=not unrecorded)
+                )
+                summaries.append(summary)
                 if options.dry_run:
                     break  # nothing downstream may run on files a dry run did not produce
                 continue
             if linked is None:
                 linked = _with_links(context, layout, ids)
-            reporter = _Reporter(context, stage, len(linked), recorded_missing)
-            result = _run_pass(stage, layout, linked, models, force, reporter)
-            reporter.skipped(result.skipped)
+            reporter = _Reporter(stage, len(linked), recorded_missing)
+            stage_ids = linked
+            result = yield from reporter.run(
+                context, lambda: _run_pass(stage, layout, stage_ids, models, force, reporter)
+            )
             summaries.append(
                 StageSummary(stage, len(result.done), len(result.skipped), dict(result.failed), result.seconds)
             )
@@ -187,9 +239,9 @@ def _with_links(context: dg.OpExecutionContext, layout, ids: list[str]) -> list[
 def _run_pass(stage: str, layout, ids: list[str], models: ModelResources, force: bool, reporter: _Reporter):
     callbacks = {"force": force, "on_done": reporter.done, "on_failed": reporter.fail}
     if stage == IMAGE_FACTS:
-        return passes.run_facts_pass(layout, ids, **callbacks)
-    if stage == CAPTIONS:
-        return passes.run_caption_pass(
+        result = passes.run_facts_pass(layout, ids, **callbacks)
+    elif stage == CAPTIONS:
+        result = passes.run_caption_pass(
             layout,
             ids,
             models.captioner.settings(),
@@ -197,17 +249,19 @@ def _run_pass(stage: str, layout, ids: list[str], models: ModelResources, force:
             input_mode=models.captioner.input_mode,
             **callbacks,
         )
-    if stage == DINOV3:
-        return passes.run_dinov3_pass(layout, ids, models.dinov3.settings(), models.dinov3.get, **callbacks)
-    if stage == VAE:
-        return passes.run_vae_pass(layout, ids, models.flux_vae.settings(), models.flux_vae.get, **callbacks)
-    if stage == T5:
-        return passes.run_t5_pass(layout, ids, models.t5.settings(), models.t5.get, **callbacks)
-    raise ValueError(f"unknown stage {stage!r}")
+    elif stage == DINOV3:
+        result = passes.run_dinov3_pass(layout, ids, models.dinov3.settings(), models.dinov3.get, **callbacks)
+    elif stage == VAE:
+        result = passes.run_vae_pass(layout, ids, models.flux_vae.settings(), models.flux_vae.get, **callbacks)
+    elif stage == T5:
+        result = passes.run_t5_pass(layout, ids, models.t5.settings(), models.t5.get, **callbacks)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    reporter.skipped(result.skipped)
+    return result
 
 
 def _sync_stage(
-    context: dg.OpExecutionContext,
     ids: list[str],
     photoset: PhotosetConfig,
     options: SyncOptions,
@@ -215,14 +269,14 @@ def _sync_stage(
     *,
     emit_all: bool,
 ) -> StageSummary:
-    """Sync the ids; log a materialization per linked id (``emit_all``) or, for a catch-up over the whole
+    """Sync the ids; a materialization per linked id (``emit_all``) or, for a catch-up over the whole
     list, only where something changed or Dagster has no record yet (not 60k events a night)."""
     layout = photoset.layout
     listing = load_listing(layout.photo_list_path)
     urls = {item.image_id: item.url for item in listing.items} if listing else {}
     items = [PhotoItem(image_id, urls.get(image_id)) for image_id in ids]
     links_before = scan_approved_links(layout)
-    complete_before = {i for i in ids if i in links_before and layout.raw_path(i).is_file()}
+    complete_before = {i for i in ids if i in links_before and raw_present(layout, i)}
     with photoset.http_client() as client:
         downloader = Downloader(
             client,
@@ -232,21 +286,15 @@ def _sync_stage(
             allow_http=photoset.allow_http,
         )
         started = time.monotonic()
-        stats = sync_images(items, layout, downloader, options, log=context.log.info)
+        stats = sync_images(items, layout, downloader, options, log=reporter.info)
         seconds = time.monotonic() - started
     for line in stats.summary_lines():
-        context.log.info(line)
+        reporter.info(line)
     if not options.dry_run:
         for image_id, ext in stats.linked.items():
             changed = image_id not in complete_before or links_before.get(image_id) != [ext]
             if emit_all or changed or image_id in reporter.emit_skipped:
-                context.log_event(
-                    dg.AssetMaterialization(
-                        asset_key=reporter.asset_key,
-                        partition=image_id,
-                        metadata={"link": f"approved/{image_id}.{ext}", "ext": ext},
-                    )
-                )
+                reporter.materialized(image_id, {"link": f"approved/{image_id}.{ext}", "ext": ext})
     return StageSummary(
         APPROVED_LINKS,
         done=stats.links_changed + stats.downloaded,

@@ -122,7 +122,7 @@ def build_image_assets(code_versions: Mapping[str, str]) -> dg.AssetsDefinition:
         stages = [stage for stage in STAGES if stage in selected]
         keys = list(context.partition_keys)
         context.log.info(f"image pipeline: {len(keys)} images, stages {', '.join(stages)}")
-        summaries = run_image_pipeline(
+        summaries = yield from run_image_pipeline(
             context.op_execution_context,
             keys,
             stages,
