@@ -25,7 +25,7 @@ from .pipeline import (
     PASS_STAGES,
     STAGES,
     ModelResources,
-    failure_observations,
+    run_observations,
     run_image_pipeline,
     summaries_metadata,
 )
@@ -128,7 +128,7 @@ def catch_up(
         ),
         unrecorded=_unrecorded(context.instance, stages, candidates),
     )
-    yield from failure_observations(summaries)
+    yield from run_observations(summaries)
     metadata: dict[str, Any] = {"images": len(candidates), **summaries_metadata(summaries)}
     if config.build_dataset and not config.dry_run:
         dataset_metadata, problems = build_dataset(

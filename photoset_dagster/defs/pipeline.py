@@ -320,8 +320,24 @@ def summaries_metadata(summaries: Sequence[StageSummary], failure_rows: int = 50
     }
 
 
-def failure_observations(summaries: Sequence[StageSummary]) -> Iterator[dg.AssetObservation]:
-    """One observation per failed image, on that image's partition, so the UI shows why it is missing."""
+def run_observations(summaries: Sequence[StageSummary], failure_rows: int = 50) -> Iterator[dg.AssetObservation]:
+    """Per stage, one run-level observation (counts, throughput, failures with reasons), and one per
+    failed image on its own partition, so the UI shows why that image is missing."""
+    for summary in summaries:
+        failures = ["| image_id | reason |", "|---|---|"] + [
+            f"| {image_id} | {reason.replace('|', '/')} |" for image_id, reason in list(summary.failed.items())[:failure_rows]
+        ]
+        yield dg.AssetObservation(
+            asset_key=dg.AssetKey(summary.stage),
+            metadata={
+                "run_done": summary.done,
+                "run_current": summary.skipped,
+                "run_failed": len(summary.failed),
+                "run_seconds": round(summary.seconds, 2),
+                "run_images_per_s": round(summary.done / summary.seconds, 3) if summary.seconds > 0 else 0.0,
+                "run_failures": dg.MetadataValue.md("\n".join(failures)) if summary.failed else dg.MetadataValue.text("none"),
+            },
+        )
     for summary in summaries:
         for image_id, reason in summary.failed.items():
             yield dg.AssetObservation(

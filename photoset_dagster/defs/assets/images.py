@@ -22,7 +22,7 @@ from ..pipeline import (
     T5,
     VAE,
     ModelResources,
-    failure_observations,
+    run_observations,
     run_image_pipeline,
 )
 from ..resources import CaptionModel, Dinov3Model, FluxVaeModel, PhotosetConfig, T5Model
@@ -135,6 +135,6 @@ def build_image_assets(code_versions: Mapping[str, str]) -> dg.AssetsDefinition:
                 progress_every=config.progress_every,
             ),
         )
-        yield from failure_observations(summaries)
+        yield from run_observations(summaries)
 
     return image_pipeline
