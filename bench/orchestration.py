@@ -66,7 +66,10 @@ def run_range(defs: dg.Definitions, instance: dg.DagsterInstance, first: str, la
         instance=instance,
         asset_selection=[key],
         tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
-        run_config={"ops": {"image_pipeline": {"config": {"force": True}}}},
+        run_config={
+            "ops": {"image_pipeline": {"config": {"force": True}}},
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        },
     )
     assert result.success
 
@@ -80,7 +83,7 @@ def main() -> None:
     runs_per_backfill = math.ceil(args.backfill / MAX_IMAGES_PER_RUN) if MAX_IMAGES_PER_RUN > 0 else 1
     per_run = MAX_IMAGES_PER_RUN if MAX_IMAGES_PER_RUN > 0 else args.backfill
 
-    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test(temp_dir=os.path.join(tmp, "home")) as instance:
+    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test(temp_dir=tmp) as instance:
         ids = image_ids(args.ids)
         layout = DataLayout(Path(tmp) / "data")
         backfill_ids = ids[: args.backfill]

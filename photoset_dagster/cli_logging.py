@@ -1,5 +1,5 @@
 """A plain Dagster logger for the terminal: the pipeline's own lines (summaries, progress, warnings)
-without timestamps and run ids, and Dagster's engine events only when they are failures."""
+without timestamps and run ids; Dagster's engine events only with --verbose."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ class _PlainFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         meta = getattr(record, "dagster_meta", None) or {}
         record.plain_message = meta.get("orig_message", record.getMessage())
-        if meta.get("dagster_event") is None:
-            return True
-        return self.verbose or record.levelno >= logging.ERROR
+        # Engine events (step/run started, failed...) only when verbose: the CLI prints a failed run's
+        # reason itself, in one line.
+        return meta.get("dagster_event") is None or self.verbose
 
 
 @dg.logger(

@@ -94,12 +94,18 @@ def catch_up(
     t5: T5Model,
 ):
     stages = _stages_for(config.passes)
+    urls = None
     if config.refresh_list:
         listing = fetch_listing(
             photoset, start_page=config.start_page, end_page=config.end_page, log=context.log.info
         )
-        registration = register_listing(context.instance, photoset, listing)
-        context.log_event(dg.AssetMaterialization(asset_key=PHOTO_LIST, metadata=listing_metadata(listing, registration)))
+        if config.dry_run:  # a dry run changes nothing: no snapshot, no new partitions
+            urls = {item.image_id: item.url for item in listing.items}
+        else:
+            registration = register_listing(context.instance, photoset, listing)
+            context.log_event(
+                dg.AssetMaterialization(asset_key=PHOTO_LIST, metadata=listing_metadata(listing, registration))
+            )
         if listing.error:
             context.log.warning(f"photo list incomplete: {listing.error}; continuing with the {len(listing.ids)} ids listed")
         candidates = listing.ids
@@ -127,6 +133,7 @@ def catch_up(
             dry_run=config.dry_run, stop_after_links=config.stop_after_links, progress_every=config.progress_every
         ),
         unrecorded=_unrecorded(context.instance, stages, candidates),
+        urls=urls,
     )
     yield from run_observations(summaries)
     metadata: dict[str, Any] = {"images": len(candidates), **summaries_metadata(summaries)}

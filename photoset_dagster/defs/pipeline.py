@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -178,14 +178,25 @@ def run_image_pipeline(
     force: bool = False,
     sync_options: SyncOptions | None = None,
     unrecorded: dict[str, set[str]] | None = None,
+    urls: Mapping[str, str | None] | None = None,
 ) -> Generator[dg.AssetMaterialization, None, list[StageSummary]]:
     """Run ``stages`` (in pipeline order) over ``image_ids``, yielding one materialization per image
     as it is done; returns one summary per stage (``summaries = yield from run_image_pipeline(...)``).
 
     ``unrecorded[stage]`` lists ids whose artefact is current but has no Dagster materialization
-    yet; they get one so the UI shows the truth (the catch-up job passes it).
+    yet; they get one so the UI shows the truth (the catch-up job passes it). ``urls`` are the download
+    URLs by id (default: the saved photo-list snapshot).
     """
     layout = photoset.layout
+    options = sync_options or SyncOptions()
+    if options.dry_run:  # reads only: no folders, no lock file
+        if APPROVED_LINKS in stages:
+            reporter = _Reporter(APPROVED_LINKS, len(image_ids), set())
+            summary = yield from reporter.run(
+                context, lambda: _sync_stage(list(image_ids), photoset, options, reporter, emit_all=False, urls=urls)
+            )
+            return [summary]
+        return []
     layout.ensure_dirs()
     unrecorded = unrecorded or {}
     summaries: list[StageSummary] = []
@@ -198,14 +209,11 @@ def run_image_pipeline(
                 continue
             recorded_missing = unrecorded.get(stage, set())
             if stage == APPROVED_LINKS:
-                options = sync_options or SyncOptions()
                 reporter = _Reporter(stage, len(ids), recorded_missing)
                 summary = yield from reporter.run(
-                    context, lambda: _sync_stage(ids, photoset, options, reporter, emit_all=not unrecorded)
+                    context, lambda: _sync_stage(ids, photoset, options, reporter, emit_all=not unrecorded, urls=urls)
                 )
                 summaries.append(summary)
-                if options.dry_run:
-                    break  # nothing downstream may run on files a dry run did not produce
                 continue
             if linked is None:
                 linked = _with_links(context, layout, ids)
@@ -268,12 +276,14 @@ def _sync_stage(
     reporter: _Reporter,
     *,
     emit_all: bool,
+    urls: Mapping[str, str | None] | None,
 ) -> StageSummary:
     """Sync the ids; a materialization per linked id (``emit_all``) or, for a catch-up over the whole
     list, only where something changed or Dagster has no record yet (not 60k events a night)."""
     layout = photoset.layout
-    listing = load_listing(layout.photo_list_path)
-    urls = {item.image_id: item.url for item in listing.items} if listing else {}
+    if urls is None:
+        listing = load_listing(layout.photo_list_path)
+        urls = {item.image_id: item.url for item in listing.items} if listing else {}
     items = [PhotoItem(image_id, urls.get(image_id)) for image_id in ids]
     links_before = scan_approved_links(layout)
     complete_before = {i for i in ids if i in links_before and raw_present(layout, i)}
