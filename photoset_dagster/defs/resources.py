@@ -4,6 +4,7 @@ Defaults come from environment variables (see README "Configuration"), read once
 definitions load; every field can still be overridden per run from the launchpad or run config.
 """
 
+import dataclasses
 import gc
 import os
 from collections.abc import Mapping
@@ -70,8 +71,13 @@ class _ModelResource(dg.ConfigurableResource):
 
     _model: Any = PrivateAttr(default=None)
 
-    def settings(self):  # pragma: no cover - every subclass overrides
+    def _settings_class(self) -> type:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
+
+    def settings(self):
+        """The family's settings dataclass, from this resource's fields of the same names."""
+        cls = self._settings_class()
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in type(self).model_fields})
 
     def get(self):
         if self._model is None:
@@ -91,15 +97,6 @@ class _ModelResource(dg.ConfigurableResource):
         except ImportError:  # pragma: no cover - torch is a hard dependency
             pass
 
-    def _common(self) -> dict[str, Any]:
-        return {
-            "model_id": self.model_id,
-            "revision": self.revision,
-            "device": self.device,
-            "dtype": self.dtype,
-            "batch_size": self.batch_size,
-        }
-
 
 class Dinov3Model(_ModelResource):
     """DINOv3 ViT-L/16 image embeddings (CLS, optional patch tokens)."""
@@ -108,10 +105,10 @@ class Dinov3Model(_ModelResource):
     patch_tokens: bool = False
     batch_size: int = 32
 
-    def settings(self):
+    def _settings_class(self) -> type:
         from ..models.dinov3 import Dinov3Settings
 
-        return Dinov3Settings(**self._common(), patch_tokens=self.patch_tokens)
+        return Dinov3Settings
 
 
 class CaptionModel(_ModelResource):
@@ -132,23 +129,10 @@ class CaptionModel(_ModelResource):
     input_mode: Literal["bucket", "original"] = "bucket"
     batch_size: int = 4
 
-    def settings(self):
+    def _settings_class(self) -> type:
         from ..models.captioner import CaptionSettings
 
-        return CaptionSettings(
-            **self._common(),
-            backend=self.backend,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            ollama_host=self.ollama_host,
-            ollama_model=self.ollama_model,
-            openai_base_url=self.openai_base_url,
-            openai_model=self.openai_model,
-            openai_api_key=self.openai_api_key,
-            concurrency=self.concurrency,
-            timeout_s=self.timeout_s,
-        )
+        return CaptionSettings
 
 
 class FluxVaeModel(_ModelResource):
@@ -163,18 +147,10 @@ class FluxVaeModel(_ModelResource):
     max_pixels: int = 4 * 1024 * 1024
     batch_size: int = 8
 
-    def settings(self):
+    def _settings_class(self) -> type:
         from ..models.flux_vae import FluxVaeSettings
 
-        return FluxVaeSettings(
-            **self._common(),
-            subfolder=self.subfolder,
-            latent=self.latent,
-            seed=self.seed,
-            scaled=self.scaled,
-            input_mode=self.input_mode,
-            max_pixels=self.max_pixels,
-        )
+        return FluxVaeSettings
 
 
 class T5Model(_ModelResource):
@@ -184,10 +160,10 @@ class T5Model(_ModelResource):
     max_length: int = 77
     batch_size: int = 64
 
-    def settings(self):
+    def _settings_class(self) -> type:
         from ..models.t5 import T5Settings
 
-        return T5Settings(**self._common(), max_length=self.max_length)
+        return T5Settings
 
 
 # Environment variable -> (resource key, field). One table so the README and the code agree.
