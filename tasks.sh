@@ -29,8 +29,9 @@ setup_system() {
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      apt-get update -qq >/dev/null
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+      { apt-get update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" fonts-liberation >/dev/null; } ||
+        echo "note: could not install ${missing[*]}; the tests that need them will be skipped" >&2
     else
       echo "note: ${missing[*]} not installed (needs root + apt); the tests that need them will be skipped" >&2
     fi

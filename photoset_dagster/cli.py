@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import signal
 import sys
+import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -20,6 +21,19 @@ PASS_CHOICES = ("captions", "dinov3", "vae", "t5", "facts", "all")
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (not the whole usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _one_line(text: object, limit: int = 1000) -> str:
+    """Any message as one line: its non-blank lines joined with '; ', at most ``limit`` characters."""
+    line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _positive(value: str) -> int:
@@ -43,7 +57,7 @@ def _fraction(value: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="photoset", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="photoset", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", help="data folder (default: ./data, or PHOTOSET_DATA_ROOT)")
     parser.add_argument("--photos-url", help="photos.json URL (default: PHOTOSET_PHOTOS_URL or the real API)")
     parser.add_argument("--allow-http", action="store_true", help="accept http:// download URLs (loopback/demo)")
@@ -117,7 +131,27 @@ def _definitions():
 
         return build_definitions()
     except ConfigError as error:
-        raise CliError(str(error)) from None
+        raise CliError(_config_message(error)) from None
+
+
+def _config_message(error: Exception) -> str:
+    """A bad ``PHOTOSET_*`` value as one line naming the variable (pydantic's report spans several lines)."""
+    from .defs.resources import ENV_SETTINGS, RESOURCE_CLASSES
+
+    cause = error.__cause__
+    details = getattr(cause, "errors", None)
+    if not callable(details):
+        return _one_line(error)
+    resource = {cls.__name__: key for key, cls in RESOURCE_CLASSES.items()}.get(getattr(cause, "title", ""))
+    parts = []
+    for detail in details():
+        field = ".".join(str(part) for part in detail.get("loc", ()))
+        names = [env for env, (key, name) in ENV_SETTINGS.items() if name == field and key in (resource, "*")]
+        if names:
+            parts.append(f"{names[0]}={os.environ.get(names[0], detail.get('input'))!r}: {detail.get('msg')}")
+        else:
+            parts.append(f"{resource or 'resource'}.{field}: {detail.get('msg')}")
+    return "invalid configuration: " + _one_line("; ".join(parts))
 
 
 def _instance():
@@ -132,6 +166,13 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+def _user_error(error):
+    """The error the pipeline raised, not Dagster's wrapper around it ("Error occurred while executing op")."""
+    while error.cause is not None and error.cls_name and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    return error
+
+
 def _failure_lines(result) -> list[str]:
     lines = []
     for event in result.all_events:
@@ -142,29 +183,73 @@ def _failure_lines(result) -> list[str]:
         if user is not None and user.description:
             lines.append(user.description)
         elif data.error is not None:
-            lines.append(data.error.message.strip().splitlines()[-1])
+            lines.append(_user_error(data.error).message)
     return lines or ["the run failed (see the run in the web UI)"]
 
 
 def _logger_config(verbose: bool) -> dict[str, Any]:
-    return {"loggers": {"plain": {"config": {"verbose": verbose}}}}
+    # Dagster logs most engine events (step start, outputs, ...) at DEBUG: -v has to lower the level to show them.
+    return {"loggers": {"plain": {"config": {"verbose": verbose, "log_level": "DEBUG" if verbose else "INFO"}}}}
 
 
-def _report(result) -> int:
+def _report(result, problems: Callable[[Any], list[str]] | None = None) -> int:
+    """Exit code of a finished run; a failed run (or a successful one with ``problems``) prints one line each."""
     if result.success:
-        return EXIT_OK
-    for line in _failure_lines(result):
-        print(f"error: {line}", file=sys.stderr)
-    return EXIT_FAILED
+        lines = problems(result) if problems else []
+    else:
+        lines = _failure_lines(result)
+    for line in lines:
+        print(f"error: {_one_line(line)}", file=sys.stderr)
+    return EXIT_FAILED if lines else EXIT_OK
 
 
-def run_job(job_name: str, op_name: str, config: dict[str, Any], verbose: bool) -> int:
+def run_job(
+    job_name: str,
+    op_name: str,
+    config: dict[str, Any],
+    verbose: bool,
+    *,
+    problems: Callable[[Any], list[str]] | None = None,
+) -> int:
     defs = _definitions()
     instance = _instance()
     job = defs.resolve_job_def(job_name)
     run_config = {"ops": {op_name: {"config": config}}, **_logger_config(verbose)}
     result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-    return _report(result)
+    return _report(result, problems)
+
+
+def _listing_problems(result) -> list[str]:
+    """A catch-up run that refreshed the list succeeds on a partial list; the command still has to say so.
+
+    The failure is read from the photo_list materialization (``error``, ``photos``) or, where the run records
+    none (a dry run), from the catch-up output's ``photo_list_error`` / ``photo_list_photos`` metadata."""
+    found: list[tuple[Any, Any]] = []
+    for materialization in result.asset_materializations_for_node("catch_up"):
+        metadata = materialization.metadata if materialization.asset_key.path == ["photo_list"] else {}
+        if "error" in metadata:
+            found.append((metadata["error"].value, metadata["photos"].value if "photos" in metadata else 0))
+    if not found:
+        for event in result.all_node_events:
+            output = event.step_output_data if event.is_successful_output else None
+            metadata = output.metadata if output is not None else {}
+            if "photo_list_error" in metadata:
+                listed = metadata.get("photo_list_photos")
+                found.append((metadata["photo_list_error"].value, listed.value if listed is not None else 0))
+    lines = []
+    for error, listed in found:
+        if listed:
+            lines.append(f"the photo list is incomplete: {error} (synced only the {listed} photos listed before it)")
+        else:
+            lines.append(f"could not fetch the photo list: {error}")
+    return lines
+
+
+def _failed_image_problems(result) -> list[str]:
+    failed = result.output_for_node("catch_up")
+    if not failed:
+        return []
+    return [f"{failed} image(s) failed (reasons above); the next run retries them"]
 
 
 def materialize(asset_names: Sequence[str], verbose: bool, *, tags=None, asset_config=None) -> int:
@@ -196,7 +281,9 @@ def cmd_sync(args) -> int:
         "stop_after_links": args.stop_after_links,
         "progress_every": args.progress_every,
     }
-    code = run_job("catch_up_job", "catch_up", config, args.verbose)
+    # Per-image download failures are reported in the summary and skipped (as the seed did); a photo list
+    # that could not be fetched is a failed command.
+    code = run_job("catch_up_job", "catch_up", config, args.verbose, problems=_listing_problems)
     if code == EXIT_OK and args.prune:
         code = run_job("prune_job", "prune", {"refresh_list": False}, args.verbose)
     return code
@@ -210,13 +297,15 @@ def cmd_generate(args) -> int:
         "force": args.force,
         "progress_every": args.progress_every,
     }
-    return run_job("catch_up_job", "catch_up", config, args.verbose)
+    # Images that fail are skipped so the rest get done, but the command then exits 1.
+    return run_job("catch_up_job", "catch_up", config, args.verbose, problems=_failed_image_problems)
 
 
 def cmd_shards(args) -> int:
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from .core.buckets import BUCKET_NAMES, parse_bucket
+    from .core.layout import DataLayout
 
     for bucket in args.bucket:
         try:
@@ -226,6 +315,9 @@ def cmd_shards(args) -> int:
     buckets = [b for b in BUCKET_NAMES if not args.bucket or b in {x.removeprefix("bucket_") for x in args.bucket}]
     if args.shard_size < 1:
         raise CliError("--shard-size must be at least 1")
+    dataset = DataLayout(_data_root()).dataset_jsonl
+    if not dataset.is_file():
+        raise CliError(f"{dataset} not found: build the dataset first (`photoset generate`, then `photoset migrate`)")
     config = {
         "shard_size": args.shard_size,
         "shuffle": args.shuffle,
@@ -308,7 +400,12 @@ def cmd_dev(args) -> int:
         env.update(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     workspace = str(project_root() / "workspace.yaml")
     command = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", args.host, "-p", str(args.port)]
-    return subprocess.call(command, env=env, cwd=project_root())
+    # Replace this process: Ctrl-C and SIGTERM reach `dagster dev` itself, with default handlers even
+    # when started from a shell's background job (which would otherwise ignore SIGINT).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.chdir(project_root())
+    os.execve(sys.executable, command, env)
 
 
 def cmd_demo(args) -> int:
@@ -332,16 +429,25 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     # Dagster flags beta/preview APIs on every definitions load; the terminal is for pipeline output.
     warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview).*")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error already printed as one line
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     _apply_global_options(args)
     try:
         return COMMANDS[args.command](args)
     except CliError as error:
-        print(f"photoset: error: {error}", file=sys.stderr)
+        print(f"photoset: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("photoset: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an environment problem: still one line unless -v asks for more
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run `photoset -v ...` for the traceback)"
+        print(f"photoset: error: {type(error).__name__}: {_one_line(error)}{hint}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -177,12 +177,13 @@ def demo_bad_items(server: PhotoServer) -> list[Any]:
     ]
 
 
-def load_demo(server: PhotoServer, page_size: int = 10) -> list[DemoPhoto]:
-    """Serve the demo list (good and bad items interleaved, ``page_size`` per page) and its files.
+def load_demo(server: PhotoServer, page_size: int = 10, photos_limit: int | None = None) -> list[DemoPhoto]:
+    """Serve the demo list (good and bad items interleaved, ``page_size`` per page) and its files;
+    ``photos_limit`` serves only the first N good photos (the bad items always).
 
-    Returns the good photos.
+    Returns the good photos served.
     """
-    photos = demo_photos()
+    photos = demo_photos()[:photos_limit]
     good: list[Any] = []
     for number, photo in enumerate(photos, start=1):
         server.set_file(photo.image_id, photo.body)

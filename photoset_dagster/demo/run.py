@@ -64,7 +64,7 @@ def run_demo(photos: int | None, verbose: bool, run: Callable[[str, str, dict, b
     layout = DataLayout(os.environ.get("PHOTOSET_DATA_ROOT", "data"))
     layout.ensure_dirs()
     with PhotoServer() as server:
-        good = load_demo(server)
+        good = load_demo(server, photos_limit=photos)
         print(f"demo: serving {len(good)} photos (+ bad items) at {server.photos_url}", file=sys.stderr)
         env = demo_environment(layout, server.photos_url)
         os.environ.update(env)
@@ -72,9 +72,8 @@ def run_demo(photos: int | None, verbose: bool, run: Callable[[str, str, dict, b
         config = {
             "refresh_list": True,
             "passes": ["sync", "all"],
-            "limit": photos,
             "build_dataset": True,
         }
         code = run("catch_up_job", "catch_up", config, verbose)
-    print_outputs(layout, len(good) if photos is None else min(photos, len(good)))
+    print_outputs(layout, len(good))
     return code
