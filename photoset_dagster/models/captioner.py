@@ -15,10 +15,9 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import httpx
-import torch
 from PIL import Image
 
 from ..core.artefacts import Recipe, text_hash
@@ -31,6 +30,9 @@ from ..core.http import (
     transient_transport_errors,
 )
 from .common import ModelSettings, guarded_load
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading the definitions stays fast
+    import torch
 
 MODEL_ENV_VAR = "PHOTOSET_CAPTION_MODEL"
 
@@ -170,6 +172,7 @@ class TransformersCaptioner:
                 return_tensors="pt",
                 processor_kwargs={"padding": True},
             ).to(parameter.device, dtype=parameter.dtype)  # dtype applies to floating tensors only
+            import torch
             with torch.inference_mode():
                 output = self.model.generate(**inputs, **self._generate_kwargs)
         except Exception as exc:  # a failed batch is a per-image failure, like a failed HTTP request

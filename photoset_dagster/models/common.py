@@ -5,12 +5,14 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
 from ..core.artefacts import Recipe
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading the definitions stays fast
+    import torch
 
 T = TypeVar("T")
 
@@ -18,7 +20,7 @@ T = TypeVar("T")
 # run loads each model once, and an all-current run loads none.
 LOAD_COUNTS: collections.Counter[str] = collections.Counter()
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ModelLoadError(RuntimeError):
@@ -27,6 +29,8 @@ class ModelLoadError(RuntimeError):
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else as torch spells it ("cuda:1", "mps")."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -37,12 +41,13 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``"auto"`` -> bfloat16 on cuda, float32 elsewhere (bf16 on CPU is slow and erratic)."""
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(_DTYPES)}") from None
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(_DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)

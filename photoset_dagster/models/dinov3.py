@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..core.artefacts import Recipe
 from .common import ModelSettings, guarded_load
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading the definitions stays fast
+    import torch
 
 MODEL_ENV_VAR = "PHOTOSET_DINOV3_MODEL"
 # Stage 1 embedded the full original image with the checkpoint's default preprocessing; keeping that
@@ -96,5 +98,6 @@ class Dinov3Encoder:
         return hidden[:, 1 + self.num_register_tokens :].float().cpu().numpy()
 
     def _forward(self, pixel_values: torch.Tensor) -> Any:
+        import torch
         with torch.inference_mode():
             return self.model(pixel_values=pixel_values.to(self.device, self.dtype))

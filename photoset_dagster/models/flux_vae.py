@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..core.artefacts import Recipe
 from .common import ModelSettings, guarded_load
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading the definitions stays fast
+    import torch
 
 MODEL_ENV_VAR = "PHOTOSET_VAE_MODEL"
 # Flux packs latents 2x2, so a latent side must be even: image sides must be multiples of 8 * 2.
@@ -98,6 +100,7 @@ class FluxVaeEncoder:
             raise ValueError("latent='sample' needs one image id per image to seed its noise")
 
         parameter = next(self.vae.parameters())
+        import torch
         pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images]))
         pixels = pixels.permute(0, 3, 1, 2).to(parameter.device, torch.float32) / 127.5 - 1.0  # [-1, 1]
         with torch.inference_mode():
@@ -114,6 +117,7 @@ class FluxVaeEncoder:
 
     def _sample(self, posterior: Any, image_ids: Sequence[str] | None) -> torch.Tensor:
         assert image_ids is not None  # checked by encode
+        import torch
         noise = torch.stack(
             [
                 torch.randn(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..core.artefacts import Recipe
 from .common import ModelSettings, guarded_load
+
+if TYPE_CHECKING:  # torch is imported where it runs: loading the definitions stays fast
+    import torch
 
 MODEL_ENV_VAR = "PHOTOSET_T5_MODEL"
 
@@ -57,6 +61,7 @@ class T5TextEncoder:
             captions, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         parameter = next(self.model.parameters())
+        import torch
         with torch.inference_mode():
             hidden = self.model(
                 input_ids=tokens["input_ids"].to(parameter.device),
