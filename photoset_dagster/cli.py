@@ -220,24 +220,15 @@ def run_job(
 
 
 def _listing_problems(result) -> list[str]:
-    """A catch-up run that refreshed the list succeeds on a partial list; the command still has to say so.
-
-    The failure is read from the photo_list materialization (``error``, ``photos``) or, where the run records
-    none (a dry run), from the catch-up output's ``photo_list_error`` / ``photo_list_photos`` metadata."""
-    found: list[tuple[Any, Any]] = []
-    for materialization in result.asset_materializations_for_node("catch_up"):
-        metadata = materialization.metadata if materialization.asset_key.path == ["photo_list"] else {}
-        if "error" in metadata:
-            found.append((metadata["error"].value, metadata["photos"].value if "photos" in metadata else 0))
-    if not found:
-        for event in result.all_node_events:
-            output = event.step_output_data if event.is_successful_output else None
-            metadata = output.metadata if output is not None else {}
-            if "photo_list_error" in metadata:
-                listed = metadata.get("photo_list_photos")
-                found.append((metadata["photo_list_error"].value, listed.value if listed is not None else 0))
+    """A catch-up run that refreshed the list succeeds on a partial list; the command still has to say so
+    (the catch-up output's ``photo_list_error`` / ``photo_list_photos`` metadata)."""
     lines = []
-    for error, listed in found:
+    for event in result.all_node_events:
+        output = event.step_output_data if event.is_successful_output else None
+        metadata = output.metadata if output is not None else {}
+        if "photo_list_error" not in metadata:
+            continue
+        error, listed = metadata["photo_list_error"].value, metadata["photo_list_photos"].value
         if listed:
             lines.append(f"the photo list is incomplete: {error} (synced only the {listed} photos listed before it)")
         else:

@@ -95,9 +95,14 @@ def catch_up(
 ):
     stages = _stages_for(config.passes)
     urls = None
+    listing_problem: dict[str, Any] = {}
     if config.refresh_list:
         listing = fetch_listing(
-            photoset, start_page=config.start_page, end_page=config.end_page, log=context.log.info
+            photoset,
+            start_page=config.start_page,
+            end_page=config.end_page,
+            limit=config.limit,
+            log=context.log.info,
         )
         if config.dry_run:  # a dry run changes nothing: no snapshot, no new partitions
             urls = {item.image_id: item.url for item in listing.items}
@@ -108,6 +113,7 @@ def catch_up(
             )
         if listing.error:
             context.log.warning(f"photo list incomplete: {listing.error}; continuing with the {len(listing.ids)} ids listed")
+            listing_problem = {"photo_list_error": listing.error, "photo_list_photos": len(listing.ids)}
         candidates = listing.ids
         if APPROVED_LINKS not in stages:
             stages = [APPROVED_LINKS, *stages]
@@ -136,7 +142,7 @@ def catch_up(
         urls=urls,
     )
     yield from run_observations(summaries)
-    metadata: dict[str, Any] = {"images": len(candidates), **summaries_metadata(summaries)}
+    metadata: dict[str, Any] = {"images": len(candidates), **summaries_metadata(summaries), **listing_problem}
     if config.build_dataset and not config.dry_run:
         dataset_metadata, problems = build_dataset(
             photoset, dinov3, captioner, flux_vae, t5, context.instance, context.log.info

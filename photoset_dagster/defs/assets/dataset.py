@@ -149,6 +149,11 @@ def write_shards(
     context: dg.OpExecutionContext, layout: DataLayout, buckets: Iterable[str], options: ShardOptions
 ) -> dict[str, Any]:
     """Write the given buckets' shards, logging one materialization per bucket partition."""
+    if not layout.dataset_jsonl.is_file():
+        raise dg.Failure(
+            description=f"no dataset yet ({layout.dataset_jsonl} is missing): materialize dataset_jsonl first "
+            "(photoset migrate)"
+        )
     records = read_dataset_records(layout)
     totals = {"samples": 0, "shards": 0, "bytes": 0, "rewritten": 0, "removed_stale": 0}
     for bucket in buckets:
@@ -203,5 +208,5 @@ def webdataset_shards(context: dg.AssetExecutionContext, config: ShardConfig, ph
         shard_size=config.shard_size, shuffle=config.shuffle, seed=config.seed, limit=config.limit, dry_run=config.dry_run
     )
     totals = write_shards(context.op_execution_context, photoset.layout, context.partition_keys, options)
-    context.log.info(f"shards: {totals}")
+    context.log.info("done: " + " ".join(f"{name}={value}" for name, value in totals.items()))
     yield from ()
