@@ -72,7 +72,8 @@ def test_is_stage1():
     assert is_stage1({"image_path": "data/approved/a.jpg", "dinov3_embedding": [0.1], "caption": "x"})
     assert is_stage1({"image_id": "a", "format_version": 1})
     assert is_stage1({"image_id": "a", "format_version": 2, "dinov3_embedding": []})
-    assert not is_stage1({"image_id": "a", "format_version": 2})
+    assert is_stage1({"image_id": "a", "format_version": 2})  # the original's Stage 2: no provenance
+    assert not is_stage1({"image_id": "a", "format_version": 2, "recipes": {"dinov3": "h"}})
 
 
 # --- migration ------------------------------------------------------------------------------------
@@ -96,13 +97,31 @@ def stage1(layout):
         stage1_line("badvec.jpg", 3, caption="short", dinov3_embedding=_embedding(3)[:10]),
         stage1_line("bad name.jpg", 4, caption="x"),
         stage1_line("noraw.jpg", 5, caption="no raw"),
-        json.dumps({"image_id": "stage2", "format_version": 2, "caption": "already"}),
+        json.dumps({"image_id": "stage2", "format_version": 2, "caption": "already", "recipes": {}}),
         "{not json",
         stage1_line("twice.jpg", 6, caption="one"),
         stage1_line("twice.png", 7, caption="two"),
     ]
     layout.dataset_jsonl.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return lines
+
+
+def test_the_originals_stage2_captions_and_embeddings_are_imported_not_replaced(layout, recipes):
+    layout.raw_path("seed2").write_bytes(b"raw bytes")
+    embedding = np.asarray(_embedding(9), np.float32)
+    np.save(layout.npy_path("dinov3", "seed2"), embedding)  # the original wrote .npy files without sidecars
+    record = {"image_path": "data/approved/seed2.jpg", "image_id": "seed2", "caption": "a cat on a sofa",
+              "t5_attention_mask": [1] * 7 + [0] * 70, "height": 10, "width": 10, "aspect_bucket": "1024x1024",
+              "format_version": 2}
+    layout.dataset_jsonl.write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+    report = migrate_stage1(layout, dinov3_recipe=recipes["dinov3"], caption_recipe=recipes["captions"])
+
+    assert report.migrated == ["seed2"]
+    assert read_json(layout.json_path("captions", "seed2"))["caption"] == "a cat on a sofa"
+    assert np.array_equal(np.load(layout.npy_path("dinov3", "seed2")), embedding)
+    assert read_json(layout.json_path("dinov3", "seed2"))["recipe_hash"] == recipes["dinov3"].hash
+    assert report.backup is not None and report.backup.read_text() == json.dumps(record) + "\n"
 
 
 def test_migration_moves_inline_payload_into_artefacts_and_loses_nothing(layout, recipes, stage1):

@@ -187,11 +187,14 @@ def record_image_id(record: Mapping[str, Any]) -> str | None:
 
 
 def is_stage1(record: Mapping[str, Any]) -> bool:
-    return "dinov3_embedding" in record or record.get("format_version") != FORMAT_VERSION
+    """A record the original scripts wrote: Stage 1 (inline embedding, no format_version 2), or their
+    Stage 2 (no ``recipes`` provenance, which every photoset record carries). Its captions are the
+    expensive part and must be imported before the builder replaces the file."""
+    return "dinov3_embedding" in record or record.get("format_version") != FORMAT_VERSION or "recipes" not in record
 
 
 def holds_stage1_records(path: Path) -> bool:
-    """True if the JSONL at ``path`` contains at least one Stage-1 record (the caller then migrates first)."""
+    """True if the JSONL at ``path`` contains at least one record of the original scripts (migrate first)."""
     if not path.is_file():
         return False
     return any(record is not None and is_stage1(record) for _, record, _ in iter_jsonl(path))
@@ -259,8 +262,17 @@ class _ImportError(ValueError):
     """A Stage-1 record whose payload cannot be imported; the message is the reason."""
 
 
-def _stage1_embedding(record: Mapping[str, Any], dims: int) -> np.ndarray:
+def _stage1_embedding(layout: DataLayout, record: Mapping[str, Any], image_id: str, dims: int) -> np.ndarray:
+    """The inline embedding (Stage 1) or, for the original's Stage 2, its ``dinov3/<id>.npy`` (no sidecar)."""
     values = record.get("dinov3_embedding")
+    if values is None and "dinov3_embedding" not in record:
+        try:
+            stored = np.load(layout.npy_path("dinov3", image_id), allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise _ImportError(f"no inline dinov3_embedding and no readable dinov3/{image_id}.npy ({error})") from None
+        if stored.shape != (dims,) or not np.all(np.isfinite(stored)):
+            raise _ImportError(f"dinov3/{image_id}.npy has shape {stored.shape} or non-finite values")
+        return stored.astype(np.float32)
     if not isinstance(values, list):
         raise _ImportError("no inline dinov3_embedding list")
     if len(values) != dims:
@@ -309,7 +321,7 @@ def _import_record(
         raise _ImportError(f"invalid image id: {error}") from None
     problems = []
     try:
-        embedding: np.ndarray | None = _stage1_embedding(record, dims)
+        embedding: np.ndarray | None = _stage1_embedding(layout, record, image_id, dims)
     except _ImportError as error:
         embedding = None
         problems.append(str(error))

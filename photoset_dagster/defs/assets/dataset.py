@@ -5,7 +5,7 @@ from typing import Any
 
 import dagster as dg
 
-from ...core.records import iter_jsonl, is_stage1, migrate_stage1
+from ...core.records import holds_stage1_records, iter_jsonl, migrate_stage1
 from ...core.dataset import build_dataset_jsonl
 from ...core.layout import DataLayout
 from ...core.shards import ShardError, ShardOptions, read_dataset_records, write_bucket_shards
@@ -31,11 +31,9 @@ def recipe_hashes(dinov3: Dinov3Model, captioner: CaptionModel, flux_vae: FluxVa
 
 
 def migrate_stage1_if_present(layout: DataLayout, dinov3: Dinov3Model, captioner: CaptionModel, log) -> dict[str, Any]:
-    """A Stage-1 JSONL (inline embeddings) is imported into artefacts before the Stage-2 rebuild."""
-    if not layout.dataset_jsonl.is_file():
-        return {}
-    first = next((record for _, record, _ in iter_jsonl(layout.dataset_jsonl) if record is not None), None)
-    if first is None or not is_stage1(first):
+    """A JSONL of the original scripts (Stage 1 or their Stage 2) is imported into artefacts before the
+    rebuild, so its captions and embeddings are kept, not replaced."""
+    if not holds_stage1_records(layout.dataset_jsonl):
         return {}
     report = migrate_stage1(
         layout, dinov3_recipe=dinov3.settings().recipe(), caption_recipe=captioner.settings().recipe()
