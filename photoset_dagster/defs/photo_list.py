@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 
 from ..core.photolist import PhotoListClient, PhotoListing, load_listing, save_listing
+from .metadata import markdown_table
 from .partitions import IMAGE_ID_PARTITIONS_NAME
 from .resources import PhotosetConfig
 
@@ -72,9 +73,6 @@ def register_listing(instance: dg.DagsterInstance, photoset: PhotosetConfig, lis
 
 
 def listing_metadata(listing: PhotoListing, registration: Registration | None = None) -> dict[str, Any]:
-    invalid_rows = ["| page | index | reason |", "|---|---|---|"] + [
-        f"| {item.page} | {item.index} | {item.reason.replace('|', '/')} |" for item in listing.invalid[:50]
-    ]
     metadata: dict[str, Any] = {
         "photos": len(listing.items),
         "digest": listing.digest,
@@ -82,7 +80,7 @@ def listing_metadata(listing: PhotoListing, registration: Registration | None = 
         "pages_fetched": listing.pages_fetched,
         "invalid_items": len(listing.invalid),
         "duplicates": listing.duplicates,
-        "invalid": dg.MetadataValue.md("\n".join(invalid_rows)) if listing.invalid else dg.MetadataValue.text("none"),
+        "invalid": markdown_table(("page", "index", "reason"), [(i.page, i.index, i.reason) for i in listing.invalid], limit=50),
     }
     if listing.error:
         metadata["error"] = dg.MetadataValue.text(listing.error)

@@ -24,6 +24,7 @@ from ..core.lock import data_lock
 from ..core.photolist import PhotoItem, load_listing
 from ..core.progress import ProgressMeter
 from ..core.sync import SyncOptions, sync_images
+from .metadata import markdown_table
 from .resources import CaptionModel, Dinov3Model, FluxVaeModel, PhotosetConfig, T5Model
 
 APPROVED_LINKS = "approved_links"
@@ -65,9 +66,9 @@ class StageSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def as_row(self) -> str:
-        rate = self.done / self.seconds if self.seconds > 0 else 0.0
-        return f"| {self.stage} | {self.done} | {self.skipped} | {len(self.failed)} | {self.seconds:.1f} | {rate:.2f} |"
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
 def _record_metadata(stage: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -316,17 +317,14 @@ def _sync_stage(
 
 def summaries_metadata(summaries: Sequence[StageSummary], failure_rows: int = 50) -> dict[str, Any]:
     """Run-level metadata: a per-stage table and the failures with their reasons."""
-    table = ["| stage | done | current | failed | seconds | images/s |", "|---|---|---|---|---|---|"]
-    table += [s.as_row() for s in summaries]
     failures = [(s.stage, image_id, reason) for s in summaries for image_id, reason in s.failed.items()]
-    failure_md = ["| stage | image_id | reason |", "|---|---|---|"]
-    failure_md += [f"| {stage} | {image_id} | {reason.replace('|', '/')} |" for stage, image_id, reason in failures[:failure_rows]]
-    if len(failures) > failure_rows:
-        failure_md.append(f"| … | {len(failures) - failure_rows} more | |")
     return {
-        "stages": dg.MetadataValue.md("\n".join(table)),
+        "stages": markdown_table(
+            ("stage", "done", "current", "failed", "seconds", "images/s"),
+            [(s.stage, s.done, s.skipped, len(s.failed), f"{s.seconds:.1f}", f"{s.rate:.2f}") for s in summaries],
+        ),
         "failed_images": len(failures),
-        "failures": dg.MetadataValue.md("\n".join(failure_md)) if failures else dg.MetadataValue.text("none"),
+        "failures": markdown_table(("stage", "image_id", "reason"), failures, limit=failure_rows),
     }
 
 
@@ -334,9 +332,6 @@ def run_observations(summaries: Sequence[StageSummary], failure_rows: int = 50) 
     """Per stage, one run-level observation (counts, throughput, failures with reasons), and one per
     failed image on its own partition, so the UI shows why that image is missing."""
     for summary in summaries:
-        failures = ["| image_id | reason |", "|---|---|"] + [
-            f"| {image_id} | {reason.replace('|', '/')} |" for image_id, reason in list(summary.failed.items())[:failure_rows]
-        ]
         yield dg.AssetObservation(
             asset_key=dg.AssetKey(summary.stage),
             metadata={
@@ -344,8 +339,8 @@ def run_observations(summaries: Sequence[StageSummary], failure_rows: int = 50) 
                 "run_current": summary.skipped,
                 "run_failed": len(summary.failed),
                 "run_seconds": round(summary.seconds, 2),
-                "run_images_per_s": round(summary.done / summary.seconds, 3) if summary.seconds > 0 else 0.0,
-                "run_failures": dg.MetadataValue.md("\n".join(failures)) if summary.failed else dg.MetadataValue.text("none"),
+                "run_images_per_s": round(summary.rate, 3),
+                "run_failures": markdown_table(("image_id", "reason"), summary.failed.items(), limit=failure_rows),
             },
         )
     for summary in summaries:

@@ -11,6 +11,7 @@ from ...core.layout import DataLayout
 from ...core.shards import ShardError, ShardOptions, read_dataset_records, write_bucket_shards
 from ...core.verify import verify_dataset_jsonl
 from ..partitions import IMAGE_ID_PARTITIONS_NAME, aspect_buckets
+from ..metadata import markdown_table
 from ..pipeline import CAPTIONS, DINOV3, IMAGE_FACTS, T5, VAE
 from ..resources import CaptionModel, Dinov3Model, FluxVaeModel, PhotosetConfig, T5Model
 from .sync import OWNERS
@@ -43,13 +44,6 @@ def migrate_stage1_if_present(layout: DataLayout, dinov3: Dinov3Model, captioner
     return {"stage1_migrated": len(report.migrated), "stage1_failed": len(report.failed)}
 
 
-def _markdown_table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> dg.MetadataValue:
-    header = list(header)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell).replace("|", "/").replace("\n", " ") for cell in row) + " |" for row in rows]
-    return dg.MetadataValue.md("\n".join(lines))
-
-
 def _preview(layout: DataLayout) -> dg.MetadataValue:
     rows = []
     for _, record, _ in iter_jsonl(layout.dataset_jsonl):
@@ -58,7 +52,7 @@ def _preview(layout: DataLayout) -> dg.MetadataValue:
         rows.append((record["image_id"], record["aspect_bucket"], record["image_path"], record["caption"][:160]))
         if len(rows) >= PREVIEW_ROWS:
             break
-    return _markdown_table(("image_id", "bucket", "image", "caption"), rows)
+    return markdown_table(("image_id", "bucket", "image", "caption"), rows)
 
 
 def build_dataset(
@@ -86,9 +80,9 @@ def build_dataset(
     metadata = {
         "records": report.records,
         "not_ready": sum(report.not_ready.values()),
-        "not_ready_reasons": _markdown_table(("reason", "images"), sorted(report.not_ready.items())),
-        "not_ready_examples": _markdown_table(("image_id", "reason"), report.not_ready_examples[:20]),
-        "buckets": _markdown_table(("bucket", "images"), sorted(report.buckets.items())),
+        "not_ready_reasons": markdown_table(("reason", "images"), sorted(report.not_ready.items())),
+        "not_ready_examples": markdown_table(("image_id", "reason"), report.not_ready_examples[:20]),
+        "buckets": markdown_table(("bucket", "images"), sorted(report.buckets.items())),
         "bytes": report.bytes,
         "seconds": round(report.seconds, 3),
         "recipes": dg.MetadataValue.json(report.recipes),
