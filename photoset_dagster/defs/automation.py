@@ -13,11 +13,11 @@ from .assets.sync import PHOTO_LIST
 from .jobs import catch_up_job, image_pipeline_job, prune_job
 from .partitions import MAX_IMAGES_PER_RUN
 from .photo_list import fetch_listing, register_listing
-from .resources import PhotosetConfig
+from .resources import PhotosetConfig, env_int
 
 AUTOMATION_ON = os.environ.get("PHOTOSET_AUTOMATION", "off").strip().lower() in {"1", "on", "true", "yes"}
 DEFAULT_STATUS = dg.DefaultSensorStatus.RUNNING if AUTOMATION_ON else dg.DefaultSensorStatus.STOPPED
-SENSOR_INTERVAL_S = int(os.environ.get("PHOTOSET_SENSOR_INTERVAL_S", "600"))
+SENSOR_INTERVAL_S = env_int("PHOTOSET_SENSOR_INTERVAL_S", 600)
 NIGHTLY_CRON = os.environ.get("PHOTOSET_NIGHTLY_CRON", "0 2 * * *")
 IMAGES_PER_SENSOR_RUN = MAX_IMAGES_PER_RUN if MAX_IMAGES_PER_RUN > 0 else 1000
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from ..core.buckets import BUCKET_NAMES
+from .resources import env_int
 
 IMAGE_ID_PARTITIONS_NAME = "image_id"
 image_ids = dg.DynamicPartitionsDefinition(name=IMAGE_ID_PARTITIONS_NAME)
@@ -14,7 +13,7 @@ aspect_buckets = dg.StaticPartitionsDefinition(list(BUCKET_NAMES))
 
 # Images per run when a backfill is launched (UI, daemon): each run loads every model once.
 # 0 = one run for the whole selection, which `dagster asset materialize --partition-range` requires.
-MAX_IMAGES_PER_RUN = int(os.environ.get("PHOTOSET_MAX_IMAGES_PER_RUN", "1000"))
+MAX_IMAGES_PER_RUN = env_int("PHOTOSET_MAX_IMAGES_PER_RUN", 1000)
 
 
 def image_backfill_policy() -> dg.BackfillPolicy:

@@ -219,6 +219,16 @@ class ConfigError(ValueError):
     """Bad configuration: the message names the variable and what it expects."""
 
 
+def env_int(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
+    raw = (os.environ if env is None else env).get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+
+
 def _coerce(resource_cls: type[dg.ConfigurableResource], field: str, env_name: str, raw: str) -> Any:
     annotation = resource_cls.model_fields[field].annotation
     try:
