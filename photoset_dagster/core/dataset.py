@@ -381,7 +381,9 @@ class _Evaluated:
     files_read: int
 
 
-def _evaluate(layout: DataLayout, image_id: str, listings: Mapping[str, _Listing], recipes: dict[str, str]) -> _Evaluated:
+def _evaluate(
+    layout: DataLayout, image_id: str, listings: Mapping[str, _Listing], recipes: dict[str, str]
+) -> _Evaluated:
     """Read the image's records (refreshing the scanned listings' keys) and judge it."""
     summaries: dict[str, dict[str, Any] | None] = {}
     for kind, listing in listings.items():
