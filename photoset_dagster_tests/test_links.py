@@ -10,7 +10,6 @@ from photoset_dagster.core.layout import DataLayout, InvalidImageId
 from photoset_dagster.core.links import (
     LinkError,
     ensure_approved_link,
-    is_broken,
     remove_approved_links,
     scan_approved_links,
     scan_approved_links_for,
@@ -129,20 +128,3 @@ def test_remove_approved_links(layout, raw):
     assert scan_approved_links_for(layout, "abc") == []
     assert raw.exists()
 
-
-def test_is_broken_when_the_raw_file_is_gone(layout, raw):
-    ensure_approved_link(layout, "abc", "png")
-    assert not is_broken(layout, "abc", "png")
-
-    raw.unlink()
-    assert is_broken(layout, "abc", "png")
-    assert not is_broken(layout, "abc", "jpg")  # no such link: nothing to call broken
-
-
-def test_is_broken_does_not_follow_a_raw_symlink_out_of_the_root(layout, tmp_path):
-    outside = tmp_path / "outside.png"
-    outside.write_bytes(b"\x89PNG\r\n\x1a\n")
-    os.symlink(outside, layout.raw_path("abc"))
-    os.symlink("../raw/abc", layout.approved_dir / "abc.png")
-
-    assert is_broken(layout, "abc", "png")

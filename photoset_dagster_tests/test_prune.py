@@ -116,6 +116,19 @@ def test_broken_link_of_an_approved_id_goes_but_its_data_stays(layout, dataset):
     assert report.files_removed == {"broken links": 1} and report.links_removed == 1
 
 
+def test_a_raw_that_links_out_of_the_root_counts_as_missing(layout, dataset, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(b"not ours")
+    os.unlink(layout.raw_path("img05"))
+    os.symlink(outside, layout.raw_path("img05"))
+
+    plan = plan_prune(layout, IDS, listing_complete=True)
+
+    assert plan.broken_links == [layout.approved_link("img05", "jpg")]
+    execute_prune(layout, plan)
+    assert outside.read_bytes() == b"not ours"
+
+
 def test_prune_waits_for_running_passes(layout, dataset):
     plan = plan_prune(layout, IDS[1:], listing_complete=True)
     holding, release = threading.Event(), threading.Event()

@@ -96,8 +96,3 @@ def raw_present(layout: DataLayout, image_id: str) -> bool:
     """The raw file is a regular file; a symlink at raw/<id> (possibly leading out of the root) is not."""
     raw = layout.raw_path(image_id)
     return not raw.is_symlink() and raw.is_file()
-
-
-def is_broken(layout: DataLayout, image_id: str, ext: str) -> bool:
-    """True if the link exists but its raw file does not (checked inside the data root only)."""
-    return os.path.lexists(layout.approved_link(image_id, ext)) and not raw_present(layout, image_id)

@@ -131,7 +131,7 @@ def _inventory(layout: DataLayout) -> _Inventory:
     raw_entries, raw_files = set(), set()
     for entry in _entry_names(layout.raw_dir):
         raw_entries.add(entry.name)
-        if entry.is_file():
+        if entry.is_file(follow_symlinks=False):  # a link at raw/<id> (maybe out of the root) is no raw file
             raw_files.add(entry.name)
     derived_names = {
         layout.kind_dir(kind): {entry.name for entry in _entry_names(layout.kind_dir(kind))}
