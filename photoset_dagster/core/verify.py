@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,25 +90,25 @@ EXPECTED: dict[str, Callable[[Mapping[str, Any]], ArrayExpectation]] = {
 }
 
 
-def _check_facts(layout: DataLayout, image_id: str) -> None:
-    path = layout.json_path("facts", image_id)
+def _load_record(path: Path, what: str = "") -> dict[str, Any]:
+    """The JSON record at ``path``; ``what`` names it in the reason ("sidecar ")."""
     if not path.exists():
-        raise _Invalid("missing")
-    facts = read_json(path)
-    if facts is None:
-        raise _Invalid("unloadable: not a JSON object")
+        raise _Invalid(f"{what}missing")
+    record = read_json(path)
+    if record is None:
+        raise _Invalid(f"{what}unloadable: not a JSON object")
+    return record
+
+
+def _check_facts(layout: DataLayout, image_id: str) -> None:
+    facts = _load_record(layout.json_path("facts", image_id))
     problem = facts_problem(facts)
     if problem:
         raise _Invalid(problem)
 
 
 def _check_captions(layout: DataLayout, image_id: str) -> None:
-    path = layout.json_path("captions", image_id)
-    if not path.exists():
-        raise _Invalid("missing")
-    record = read_json(path)
-    if record is None:
-        raise _Invalid("unloadable: not a JSON object")
+    record = _load_record(layout.json_path("captions", image_id))
     caption = record.get("caption")
     if not (isinstance(caption, str) and caption.strip()):
         raise _Invalid("caption empty")
@@ -119,11 +120,7 @@ def _check_array(layout: DataLayout, kind: str, image_id: str) -> None:
     sidecar_path = layout.json_path(sidecar_kind, image_id)
     if not npy.exists():
         raise _Invalid("missing")
-    if not sidecar_path.exists():
-        raise _Invalid("sidecar missing")
-    sidecar = read_json(sidecar_path)
-    if sidecar is None:
-        raise _Invalid("sidecar unloadable: not a JSON object")
+    sidecar = _load_record(sidecar_path, "sidecar ")
     try:
         array = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
