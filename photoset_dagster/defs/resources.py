@@ -8,13 +8,17 @@ import dataclasses
 import gc
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import dagster as dg
 from pydantic import PrivateAttr
 
 from ..core.http import RetryPolicy, make_client
 from ..core.layout import DataLayout
+from ..models.captioner import CaptionSettings
+from ..models.dinov3 import Dinov3Settings
+from ..models.flux_vae import FluxVaeSettings
+from ..models.t5 import T5Settings
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -59,6 +63,11 @@ class PhotosetConfig(dg.ConfigurableResource):
         )
 
 
+def _default(settings_class: type, name: str) -> Any:
+    """A model resource's default is its settings dataclass's default: one place to change it."""
+    return next(f.default for f in dataclasses.fields(settings_class) if f.name == name)
+
+
 class _ModelResource(dg.ConfigurableResource):
     """Shared lifecycle: the model loads on first use (so a run that needs no work loads nothing)
     and is released when the run ends."""
@@ -71,12 +80,11 @@ class _ModelResource(dg.ConfigurableResource):
 
     _model: Any = PrivateAttr(default=None)
 
-    def _settings_class(self) -> type:  # pragma: no cover - every subclass overrides
-        raise NotImplementedError
+    settings_class: ClassVar[type]
 
     def settings(self):
         """The family's settings dataclass, from this resource's fields of the same names."""
-        cls = self._settings_class()
+        cls = self.settings_class
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in type(self).model_fields})
 
     def get(self):
@@ -101,69 +109,57 @@ class _ModelResource(dg.ConfigurableResource):
 class Dinov3Model(_ModelResource):
     """DINOv3 ViT-L/16 image embeddings (CLS, optional patch tokens)."""
 
-    model_id: str = "facebook/dinov3-vitl16-pretrain-lvd1689m"
-    patch_tokens: bool = False
+    model_id: str = _default(Dinov3Settings, "model_id")
+    patch_tokens: bool = _default(Dinov3Settings, "patch_tokens")
     batch_size: int = 32
 
-    def _settings_class(self) -> type:
-        from ..models.dinov3 import Dinov3Settings
-
-        return Dinov3Settings
+    settings_class: ClassVar[type] = Dinov3Settings
 
 
 class CaptionModel(_ModelResource):
     """Gemma 3 captions: in-process transformers, an Ollama server, or an OpenAI-compatible server (vLLM)."""
 
-    model_id: str = "google/gemma-3-27b-it"
-    backend: Literal["transformers", "ollama", "openai"] = "transformers"
-    max_new_tokens: int = 500
-    do_sample: bool = False
-    temperature: float = 0.0
-    ollama_host: str = "http://localhost:11434"
-    ollama_model: str = "gemma3:27b"
-    openai_base_url: str = "http://localhost:8000/v1"
-    openai_model: str = "google/gemma-3-27b-it"
-    openai_api_key: str | None = None
-    concurrency: int = 4
-    timeout_s: float = 300.0
+    model_id: str = _default(CaptionSettings, "model_id")
+    backend: Literal["transformers", "ollama", "openai"] = _default(CaptionSettings, "backend")
+    max_new_tokens: int = _default(CaptionSettings, "max_new_tokens")
+    do_sample: bool = _default(CaptionSettings, "do_sample")
+    temperature: float = _default(CaptionSettings, "temperature")
+    ollama_host: str = _default(CaptionSettings, "ollama_host")
+    ollama_model: str = _default(CaptionSettings, "ollama_model")
+    openai_base_url: str = _default(CaptionSettings, "openai_base_url")
+    openai_model: str = _default(CaptionSettings, "openai_model")
+    openai_api_key: str | None = _default(CaptionSettings, "openai_api_key")
+    concurrency: int = _default(CaptionSettings, "concurrency")
+    timeout_s: float = _default(CaptionSettings, "timeout_s")
     input_mode: Literal["bucket", "original"] = "bucket"
     batch_size: int = 4
 
-    def _settings_class(self) -> type:
-        from ..models.captioner import CaptionSettings
-
-        return CaptionSettings
+    settings_class: ClassVar[type] = CaptionSettings
 
 
 class FluxVaeModel(_ModelResource):
     """Flux VAE latents (16 x H/8 x W/8)."""
 
-    model_id: str = "black-forest-labs/FLUX.1-dev"
-    subfolder: str = "vae"
-    latent: Literal["mode", "sample"] = "mode"
-    seed: int = 0
-    scaled: bool = False
-    input_mode: Literal["bucket", "original"] = "bucket"
-    max_pixels: int = 4 * 1024 * 1024
+    model_id: str = _default(FluxVaeSettings, "model_id")
+    subfolder: str = _default(FluxVaeSettings, "subfolder")
+    latent: Literal["mode", "sample"] = _default(FluxVaeSettings, "latent")
+    seed: int = _default(FluxVaeSettings, "seed")
+    scaled: bool = _default(FluxVaeSettings, "scaled")
+    input_mode: Literal["bucket", "original"] = _default(FluxVaeSettings, "input_mode")
+    max_pixels: int = _default(FluxVaeSettings, "max_pixels")
     batch_size: int = 8
 
-    def _settings_class(self) -> type:
-        from ..models.flux_vae import FluxVaeSettings
-
-        return FluxVaeSettings
+    settings_class: ClassVar[type] = FluxVaeSettings
 
 
 class T5Model(_ModelResource):
     """T5-Large encoder hidden states and attention mask for each caption."""
 
-    model_id: str = "t5-large"
-    max_length: int = 77
+    model_id: str = _default(T5Settings, "model_id")
+    max_length: int = _default(T5Settings, "max_length")
     batch_size: int = 64
 
-    def _settings_class(self) -> type:
-        from ..models.t5 import T5Settings
-
-        return T5Settings
+    settings_class: ClassVar[type] = T5Settings
 
 
 # Environment variable -> (resource key, field). One table so the README and the code agree.
