@@ -23,7 +23,9 @@ CLIENT_TIMEOUT_S = 10.0
 # any normal loopback answer.
 IMPATIENT_TIMEOUT_S = 1.0
 # Tiny waits; tests inject a SleepRecorder anyway, so nothing actually sleeps.
-FAST_RETRY = RetryPolicy(retries=3, backoff_base_s=0.01, backoff_cap_s=0.1, max_total_wait_s=60.0)
+FAST_RETRY = RetryPolicy(
+    retries=3, backoff_base_s=0.01, backoff_cap_s=0.1, max_total_wait_s=60.0, refused_delay_s=0.01
+)
 
 
 class SleepRecorder:

@@ -56,7 +56,7 @@ def test_http_is_refused_unless_allowed(served, http_client, tmp_path):
 
     result = strict.download(job_for(served, tmp_path))
 
-    assert not result.ok and result.attempts == 0
+    assert not result.ok and (result.attempts, result.kind, result.retries_exhausted) == (0, "url_refused", False)
     assert "scheme 'http'; only https allowed" in result.error
     assert served.requests == [] and entries(tmp_path / "raw") == []
 
@@ -95,7 +95,8 @@ def test_a_truncated_body_is_retried_and_never_leaves_a_raw_file(served, downloa
     result = downloader.download(job_for(served, tmp_path))
 
     assert not result.ok and result.attempts == FAST_RETRY.attempts
-    assert "RemoteProtocolError" in result.error
+    assert (result.kind, result.retries_exhausted) == ("truncated", True)
+    assert result.error.startswith("body cut short: RemoteProtocolError")
     assert len(sleeps.calls) == FAST_RETRY.retries
     assert entries(tmp_path / "raw") == []
 
@@ -127,7 +128,7 @@ def test_oversize_by_content_length_is_refused_without_retry(served, http_client
 
     result = capped.download(job_for(served, tmp_path))
 
-    assert not result.ok and result.attempts == 1 and sleeps.calls == []
+    assert not result.ok and (result.attempts, result.kind) == (1, "too_large") and sleeps.calls == []
     assert f"Content-Length {len(PNG)} exceeds the {len(PNG) - 1}-byte limit" in result.error
     assert entries(tmp_path / "raw") == []
 
@@ -139,7 +140,7 @@ def test_oversize_while_streaming_is_refused_without_retry(photo_server, http_cl
 
     result = capped.download(job_for(photo_server, tmp_path))
 
-    assert not result.ok and result.attempts == 1
+    assert not result.ok and (result.attempts, result.kind) == (1, "too_large")
     assert result.error == "body exceeds the 200000-byte limit"
     assert entries(tmp_path / "raw") == []
 
@@ -149,7 +150,7 @@ def test_a_body_that_is_not_an_image_is_not_kept(served, downloader, tmp_path):
 
     result = downloader.download(job_for(served, tmp_path))
 
-    assert not result.ok and result.attempts == 1
+    assert not result.ok and (result.attempts, result.kind) == (1, "not_an_image")
     assert result.error == "not a supported image (starts with b'<!doctype html><')"
     assert entries(tmp_path / "raw") == []
 
@@ -166,6 +167,18 @@ def test_404_fails_at_once(photo_server, downloader, sleeps, tmp_path):
     result = downloader.download(job_for(photo_server, tmp_path, "never-served"))
 
     assert not result.ok and result.error == "HTTP 404" and result.attempts == 1 and sleeps.calls == []
+    assert (result.kind, result.retries_exhausted) == ("http_status", False)
+    assert photo_server.requests == ["/files/never-served"]
+
+
+def test_a_transient_status_that_persists_exhausts_the_retries(served, downloader, sleeps, tmp_path):
+    served.add_fault("/files/abc", Fault("status", status=503, times=-1))
+
+    result = downloader.download(job_for(served, tmp_path))
+
+    assert (result.ok, result.kind, result.retries_exhausted) == (False, "http_status", True)
+    assert result.attempts == FAST_RETRY.attempts and len(served.requests) == FAST_RETRY.attempts
+    assert result.error.startswith("HTTP 503 (gave up after 4 attempt(s)")
 
 
 @pytest.mark.parametrize(
@@ -190,6 +203,15 @@ def test_a_timeout_is_retried(served, impatient_client, sleeps, tmp_path):
     result = downloader.download(job_for(served, tmp_path))
 
     assert result.ok and result.attempts == 2 and len(sleeps.calls) == 1
+
+
+def test_a_disk_failure_is_reported_as_such(served, downloader, tmp_path):
+    (tmp_path / "raw").write_text("a file where the folder belongs")
+
+    result = downloader.download(job_for(served, tmp_path))
+
+    assert not result.ok and (result.kind, result.attempts) == ("disk", 1)
+    assert result.error.startswith(f"cannot write {tmp_path / 'raw' / 'abc'}")
 
 
 # --- many -----------------------------------------------------------------------------------

@@ -31,9 +31,14 @@ def lines() -> list[str]:
     return []
 
 
+def list_client(url: str, client, sleeps, policy: RetryPolicy = FAST_RETRY, **options) -> PhotoListClient:
+    """A client for the loopback server: plain http allowed, sleeps recorded."""
+    return PhotoListClient(url, client, policy, sleep=sleeps, allow_http=True, **options)
+
+
 @pytest.fixture
 def photo_list(photo_server, http_client, sleeps, lines) -> PhotoListClient:
-    return PhotoListClient(photo_server.photos_url, http_client, FAST_RETRY, sleep=sleeps, log=lines.append)
+    return list_client(photo_server.photos_url, http_client, sleeps, log=lines.append)
 
 
 def page_requests(server: PhotoServer) -> list[str]:
@@ -55,9 +60,9 @@ def test_pages_until_the_empty_page(photo_server, photo_list, lines):
     assert page_requests(photo_server) == [f"/photos.json?page={n}" for n in (1, 2, 3)]
     assert lines == [
         f"page 1: fetching {photo_server.photos_url}?page=1",
-        "page 1: 2 items",
+        "page 1: 2 items (2 valid, 0 invalid, 0 duplicates)",
         f"page 2: fetching {photo_server.photos_url}?page=2",
-        "page 2: 1 items",
+        "page 2: 1 items (1 valid, 0 invalid, 0 duplicates)",
         f"page 3: fetching {photo_server.photos_url}?page=3",
         "page 3: empty; stopping",
     ]
@@ -65,7 +70,7 @@ def test_pages_until_the_empty_page(photo_server, photo_list, lines):
 
 def test_base_url_with_a_query_appends_page_with_ampersand(photo_server, http_client, sleeps):
     photo_server.set_pages([[item("a1")]])
-    client = PhotoListClient(f"{photo_server.photos_url}?approved=1", http_client, FAST_RETRY, sleep=sleeps)
+    client = list_client(f"{photo_server.photos_url}?approved=1", http_client, sleeps)
 
     assert client.page_url(2) == f"{photo_server.photos_url}?approved=1&page=2"
     assert client.fetch_listing().ids == ["a1"]
@@ -193,27 +198,27 @@ def test_unparsable_and_truncated_bodies_are_retried(photo_server, photo_list, s
 def test_timeouts_are_retried(photo_server, impatient_client, sleeps, lines):
     photo_server.set_pages([[item("a1")]])
     photo_server.add_fault("/photos.json?page=1", Fault("timeout"))
-    client = PhotoListClient(photo_server.photos_url, impatient_client, FAST_RETRY, sleep=sleeps, log=lines.append)
+    client = list_client(photo_server.photos_url, impatient_client, sleeps, log=lines.append)
 
     assert client.fetch_page(1) == [item("a1")]
     assert len(sleeps.calls) == 1 and any("ReadTimeout" in line for line in lines)
 
 
-def test_connection_errors_are_retried_then_reported(http_client, sleeps):
+def test_a_refused_connection_gets_only_the_short_refused_budget(http_client, sleeps):
     with PhotoServer() as gone:
         url = gone.photos_url  # a port nobody listens on once the server stops
-    client = PhotoListClient(url, http_client, FAST_RETRY, sleep=sleeps)
+    client = list_client(url, http_client, sleeps)
 
     with pytest.raises(PhotoListError, match="ConnectError") as raised:
         client.fetch_page(1)
-    assert f"{url}?page=1" in str(raised.value)
-    assert len(sleeps.calls) == FAST_RETRY.retries
+    assert f"{url}?page=1" in str(raised.value) and "refused 3 time(s)" in str(raised.value)
+    assert sleeps.calls == [FAST_RETRY.refused_delay_s] * FAST_RETRY.refused_retries
 
 
 def test_persistent_failure_gives_up_within_the_total_wait_budget(photo_server, http_client, sleeps):
     photo_server.add_fault("/photos.json?page=1", Fault("status", status=503, times=-1))
     policy = RetryPolicy(retries=20, backoff_base_s=1.0, backoff_cap_s=60.0, max_total_wait_s=10.0)
-    client = PhotoListClient(photo_server.photos_url, http_client, policy, sleep=sleeps)
+    client = list_client(photo_server.photos_url, http_client, sleeps, policy)
 
     with pytest.raises(PhotoListError) as raised:
         client.fetch_page(1)
@@ -235,7 +240,7 @@ def test_a_retry_after_beyond_the_budget_gives_up_instead_of_waiting(photo_serve
 def test_attempts_are_bounded_by_retries(photo_server, http_client, sleeps):
     photo_server.add_fault("/photos.json?page=1", Fault("status", status=500, times=-1))
     policy = RetryPolicy(retries=2, backoff_base_s=0.0)
-    client = PhotoListClient(photo_server.photos_url, http_client, policy, sleep=sleeps)
+    client = list_client(photo_server.photos_url, http_client, sleeps, policy)
 
     with pytest.raises(PhotoListError, match="gave up after 3 attempt"):
         client.fetch_page(1)
@@ -250,13 +255,25 @@ def test_other_4xx_fails_at_once(photo_server, photo_list, sleeps):
     assert sleeps.calls == [] and len(page_requests(photo_server)) == 1
 
 
-def test_json_that_is_not_an_array_is_a_contract_error_naming_the_url(photo_server, photo_list, sleeps):
-    photo_server.add_fault("/photos.json?page=1", Fault("not_array"))
+def test_a_json_object_page_is_retried_and_recovers(photo_server, photo_list, sleeps, lines):
+    photo_server.set_pages([[item("a1")]])
+    photo_server.add_fault("/photos.json?page=1", Fault("not_array", times=1))
 
-    with pytest.raises(PhotoListError, match="expected a JSON array, got dict") as raised:
-        photo_list.fetch_page(1)
-    assert f"{photo_server.photos_url}?page=1" in str(raised.value)
-    assert sleeps.calls == []
+    assert photo_list.fetch_page(1) == [item("a1")]
+    assert len(sleeps.calls) == 1 and len(page_requests(photo_server)) == 2
+    assert any("attempt 1 failed: expected a JSON array, got dict" in line for line in lines)
+
+
+def test_a_page_that_stays_an_object_ends_the_listing_incomplete(photo_server, photo_list, sleeps):
+    photo_server.set_pages([[item("a1")], [item("b2")]])
+    photo_server.add_fault("/photos.json?page=2", Fault("not_array", times=-1))
+
+    listing = photo_list.fetch_listing()
+
+    assert listing.ids == ["a1"] and not listing.complete
+    assert f"{photo_server.photos_url}?page=2: expected a JSON array, got dict" in listing.error
+    assert f"gave up after {FAST_RETRY.attempts} attempt(s)" in listing.error
+    assert len(sleeps.calls) == FAST_RETRY.retries
 
 
 def test_a_failed_page_ends_the_listing_incomplete_without_raising(photo_server, photo_list):

@@ -1,14 +1,22 @@
-"""Concurrent, atomic, size-capped downloads of raw image files.
+"""Concurrent, atomic, size-capped, time-bounded downloads of raw image files.
 
 A raw file appears under its final name only when it is complete and starts like a supported
 image: bytes stream into a hidden temporary sibling (``.<name>.*.tmp``, the convention of
 ``core.atomic``) that is renamed into place at the end and removed on any failure, so an
 interrupted download never leaves a truncated raw file that a rerun would take as present (B10).
+
+No server can hold a download forever. An attempt gets ``header_timeout_s`` for the response
+headers (connect, TLS and redirects included), then its body must keep an average of at least
+``min_rate_bps`` once ``rate_grace_s`` have passed; as the body is at most its Content-Length (or
+``max_bytes``), that makes the attempt's deadline :meth:`Downloader.attempt_deadline_s`. With at most
+``retry.attempts`` attempts and ``retry.max_total_wait_s`` of backoff per download, a whole batch is
+bounded by :meth:`Downloader.worst_case_seconds`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -21,18 +29,20 @@ import httpx
 
 from .filetypes import HEAD_BYTES, detect_type
 from .http import (
-    HttpStatusError,
+    Deadline,
+    FailureKind,
+    FetchError,
+    PermanentError,
     RetriesExhausted,
     RetryPolicy,
     UrlPolicyError,
     call_with_retries,
     check_download_url,
-    describe_error,
+    io_deadline,
+    iter_body,
+    open_response,
     raise_for_status,
-    transient_transport_errors,
 )
-
-_CHUNK_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,10 +59,8 @@ class DownloadResult:
     nbytes: int  # bytes stored (0 on failure)
     error: str | None
     attempts: int  # HTTP attempts made (0 when the URL was refused by policy)
-
-
-class _Refused(Exception):
-    """A final failure of one download (too large, not an image, cannot write): no retry."""
+    kind: FailureKind | None = None  # why it failed (None on success)
+    retries_exhausted: bool = False  # failed transiently on every attempt the retry policy allowed
 
 
 class Downloader:
@@ -65,26 +73,49 @@ class Downloader:
         max_bytes: int = 200 * 1024 * 1024,
         allow_http: bool = False,
         sleep: Callable[[float], None] = time.sleep,
+        header_timeout_s: float = 30.0,
+        min_rate_bps: float = 16 * 1024,
+        rate_grace_s: float = 10.0,
     ) -> None:
+        """``client`` should come from :func:`~.http.make_client`: only its sockets obey the deadlines
+        (with another client a stalled read still ends, but only at httpx's per-read timeout)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        if min_rate_bps <= 0:
+            raise ValueError(f"min_rate_bps must be positive, got {min_rate_bps}")
         self._client = client
         self._retry = retry
         self.concurrency = concurrency
         self._max_bytes = max_bytes
         self._allow_http = allow_http
         self._sleep = sleep
+        self.header_timeout_s = header_timeout_s
+        self.min_rate_bps = min_rate_bps
+        self.rate_grace_s = rate_grace_s
 
     def check_url(self, url: object) -> str:
         """``url`` if this downloader's policy allows fetching it, else :class:`UrlPolicyError`."""
         return check_download_url(url, allow_http=self._allow_http)
+
+    def attempt_deadline_s(self, size_bound: int | None = None) -> float:
+        """The longest one attempt can take for a body of at most ``size_bound`` bytes (default
+        ``max_bytes``): the headers' timeout, then the body at the minimum rate, or the grace period."""
+        return self.header_timeout_s + self._body_allowance_s(self._max_bytes if size_bound is None else size_bound)
+
+    def worst_case_seconds(self, jobs: int = 1) -> float:
+        """An upper bound on the wall time of ``download_many`` over ``jobs`` downloads, whatever the
+        servers do: each download makes at most ``retry.attempts`` attempts of at most
+        :meth:`attempt_deadline_s` and sleeps at most ``retry.max_total_wait_s`` between them, and
+        ``concurrency`` of them run at once. (Local disk time and DNS lookups come on top.)"""
+        per_download = self._retry.attempts * self.attempt_deadline_s() + self._retry.max_total_wait_s
+        return math.ceil(jobs / self.concurrency) * per_download
 
     def download(self, job: DownloadJob) -> DownloadResult:
         """Fetch ``job.url`` into ``job.dest``; policy, HTTP, network and disk failures come back as a failed result."""
         try:
             url = self.check_url(job.url)
         except UrlPolicyError as error:
-            return DownloadResult(job.image_id, False, 0, str(error), attempts=0)
+            return DownloadResult(job.image_id, False, 0, str(error), attempts=0, kind="url_refused")
 
         attempts = 0
 
@@ -95,15 +126,12 @@ class Downloader:
 
         try:
             nbytes = call_with_retries(attempt, self._retry, sleep=self._sleep)
-        except (RetriesExhausted, HttpStatusError, _Refused) as error:
-            reason = str(error)
-        except (httpx.HTTPError, httpx.InvalidURL) as error:  # final: redirect loop, bad Location, bad encoding, ...
-            reason = describe_error(error)
+        except FetchError as error:
+            exhausted = isinstance(error, RetriesExhausted)
+            return DownloadResult(job.image_id, False, 0, str(error), attempts, error.kind, exhausted)
         except OSError as error:  # e.g. dest's folder cannot be created, disk full
-            reason = f"cannot write {job.dest}: {error}"
-        else:
-            return DownloadResult(job.image_id, True, nbytes, None, attempts)
-        return DownloadResult(job.image_id, False, 0, reason, attempts)
+            return DownloadResult(job.image_id, False, 0, f"cannot write {job.dest}: {error}", attempts, "disk")
+        return DownloadResult(job.image_id, True, nbytes, None, attempts)
 
     def download_many(
         self, jobs: Iterable[DownloadJob], on_result: Callable[[DownloadResult], None] | None = None
@@ -112,7 +140,7 @@ class Downloader:
 
         ``on_result`` is called as each download finishes, on the calling thread (so it needs no
         locking). An exception (e.g. Ctrl-C) cancels the queued downloads; running ones finish
-        and clean up their temporaries.
+        (within their deadlines) and clean up their temporaries.
         """
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="download")
         try:
@@ -124,36 +152,52 @@ class Downloader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _body_allowance_s(self, size_bound: int) -> float:
+        return max(self.rate_grace_s, size_bound / self.min_rate_bps)
+
     def _fetch_once(self, url: str, dest: Path) -> int:
         """One attempt: stream ``url`` into ``dest`` atomically; returns the bytes stored."""
-        with transient_transport_errors(), self._client.stream("GET", url) as response:
+        with (
+            io_deadline(self.header_timeout_s) as deadline,
+            open_response(self._client, url, allow_http=self._allow_http) as response,
+        ):
             raise_for_status(response)
-            if response.history:  # a redirect must not smuggle in a refused scheme (e.g. https -> http)
-                try:
-                    self.check_url(str(response.url))
-                except UrlPolicyError as error:
-                    raise _Refused(f"redirected to a refused url: {error}") from None
             declared = _content_length(response)
             if declared is not None and declared > self._max_bytes:
-                raise _Refused(f"Content-Length {declared} exceeds the {self._max_bytes}-byte limit")
-            return self._stream_to(response, dest)
+                raise PermanentError(
+                    f"Content-Length {declared} exceeds the {self._max_bytes}-byte limit", kind="too_large"
+                )
+            return self._stream_to(response, dest, deadline, self._max_bytes if declared is None else declared)
 
-    def _stream_to(self, response: httpx.Response, dest: Path) -> int:
+    def _stream_to(self, response: httpx.Response, dest: Path, deadline: Deadline, size_bound: int) -> int:
         """Write the body to a temporary sibling of ``dest`` and rename it into place once complete.
 
-        A body shorter than its Content-Length raises httpx.RemoteProtocolError (h11 enforces the
-        length), which the caller retries; the temporary is removed on every failure.
+        ``deadline`` moves with the bytes received: with ``n`` bytes in after ``t`` seconds the
+        average stays at ``min_rate_bps`` until ``t = n / min_rate_bps`` (and never falls below it
+        within the grace period), so that is when the next bytes are due; it never moves past the
+        body's allowance for ``size_bound`` bytes. A body shorter than its Content-Length is a
+        truncated one (h11 enforces the length), which the caller retries; the temporary is removed
+        on every failure.
         """
+        started = time.monotonic()
+        latest = started + self._body_allowance_s(size_bound)
+
+        def move_deadline() -> None:
+            due = started + max(self.rate_grace_s, response.num_bytes_downloaded / self.min_rate_bps)
+            deadline.at = min(due, latest)
+
+        move_deadline()
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
             with os.fdopen(fd, "wb") as out:
                 nbytes = 0
                 head = b""
-                for chunk in response.iter_bytes(_CHUNK_BYTES):
+                for chunk in iter_body(response):
+                    move_deadline()
                     nbytes += len(chunk)
                     if nbytes > self._max_bytes:
-                        raise _Refused(f"body exceeds the {self._max_bytes}-byte limit")
+                        raise PermanentError(f"body exceeds the {self._max_bytes}-byte limit", kind="too_large")
                     if len(head) < HEAD_BYTES:
                         # Check the type as soon as the head is in, so a large HTML page is not fetched whole.
                         head += chunk[: HEAD_BYTES - len(head)]
@@ -182,4 +226,4 @@ def _content_length(response: httpx.Response) -> int | None:
 
 def _require_image(head: bytes) -> None:
     if detect_type(head) is None:
-        raise _Refused(f"not a supported image (starts with {head[:16]!r})")
+        raise PermanentError(f"not a supported image (starts with {head[:16]!r})", kind="not_an_image")

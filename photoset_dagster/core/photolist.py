@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,15 +21,18 @@ import httpx
 from .artefacts import read_json
 from .atomic import atomic_write_json
 from .http import (
-    HttpStatusError,
-    RetriesExhausted,
+    FetchError,
+    PermanentError,
     RetryPolicy,
     TransientError,
+    UrlPolicyError,
     call_with_retries,
-    describe_error,
+    check_download_url,
+    io_deadline,
+    iter_body,
+    open_response,
     raise_for_status,
     short_repr,
-    transient_transport_errors,
 )
 from .layout import InvalidImageId, validate_image_id
 
@@ -59,6 +63,11 @@ class PhotoListing:
     @property
     def ids(self) -> list[str]:
         return [item.image_id for item in self.items]
+
+    @property
+    def entries(self) -> int:
+        """Entries the pages held: valid images, invalid entries and repeated ids."""
+        return len(self.items) + len(self.invalid) + self.duplicates
 
     @property
     def digest(self) -> str:
@@ -95,12 +104,23 @@ class PhotoListClient:
         *,
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] | None = None,
+        allow_http: bool = False,
+        page_timeout_s: float = 120.0,
+        max_page_bytes: int = 64 * 1024 * 1024,
+        max_logged_invalid: int = 20,
     ) -> None:
+        """``page_timeout_s`` bounds one attempt at a page, headers and body together (enforced on
+        the sockets of a :func:`~.http.make_client` client); ``max_logged_invalid`` invalid entries
+        are logged one per line, the rest counted in one line (all stay in ``PhotoListing.invalid``)."""
         self.base_url = base_url
         self._client = client
         self._retry = retry
         self._sleep = sleep
         self._log = log or (lambda line: None)
+        self._allow_http = allow_http
+        self._page_timeout_s = page_timeout_s
+        self._max_page_bytes = max_page_bytes
+        self._max_logged_invalid = max_logged_invalid
 
     def page_url(self, page: int) -> str:
         separator = "&" if "?" in self.base_url else "?"
@@ -109,41 +129,63 @@ class PhotoListClient:
     def fetch_page(self, page: int) -> list[Any]:
         """The JSON array of one page.
 
-        Retries (with backoff, honouring Retry-After) on 408/425/429/5xx, timeouts, connection errors
-        and bodies that are not JSON: all typical of an overloaded or restarting server. Raises
-        :class:`PhotoListError` at once for other statuses and for JSON that is not an array: a
-        well-formed answer of the wrong shape is a contract violation that repeating will not fix.
+        The URL, and every redirect, must pass the download URL policy (https unless ``allow_http``);
+        a refused one raises :class:`PhotoListError` before any request. Retries (with backoff,
+        honouring Retry-After) on 408/425/429/5xx, timeouts, connection errors, truncated or
+        too-slow bodies and bodies that are not a JSON array (an HTML error page, a JSON object):
+        all typical of an overloaded or restarting server or its proxy. Raises
+        :class:`PhotoListError` at once for other statuses, refused redirects and oversized pages,
+        and once retries run out.
         """
         url = self.page_url(page)
+        try:
+            check_download_url(url, allow_http=self._allow_http)
+        except UrlPolicyError as error:
+            raise PhotoListError(f"refusing to fetch the photo list: {error}") from None
         self._log(f"page {page}: fetching {url}")
 
         def attempt() -> list[Any]:
-            with transient_transport_errors():
-                response = self._client.get(url)
-            raise_for_status(response)
-            try:
-                body = response.json()
-            except ValueError as error:
-                raise TransientError(f"body is not JSON ({error})") from error
-            if not isinstance(body, list):
-                raise PhotoListError(f"{url}: expected a JSON array, got {type(body).__name__}")
-            return body
+            with (
+                io_deadline(self._page_timeout_s),
+                open_response(self._client, url, allow_http=self._allow_http) as response,
+            ):
+                raise_for_status(response)
+                return _parse_page(self._read_page(response))
 
         def log_retry(error: TransientError, attempt_number: int, delay: float) -> None:
             self._log(f"page {page}: attempt {attempt_number} failed: {error}; retrying in {delay:g}s")
 
         try:
             return call_with_retries(attempt, self._retry, sleep=self._sleep, on_retry=log_retry)
-        except (RetriesExhausted, HttpStatusError) as error:
+        except FetchError as error:
             raise PhotoListError(f"{url}: {error}") from error
-        except (httpx.HTTPError, httpx.InvalidURL) as error:  # e.g. unsupported scheme, redirect loop
-            raise PhotoListError(f"{url}: {describe_error(error)}") from error
 
-    def fetch_listing(self, start_page: int = 1, end_page: int | None = None, limit: int | None = None) -> PhotoListing:
+    def _read_page(self, response: httpx.Response) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in iter_body(response):
+            size += len(chunk)
+            if size > self._max_page_bytes:
+                raise PermanentError(f"page exceeds the {self._max_page_bytes}-byte limit", kind="too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def fetch_listing(
+        self,
+        start_page: int = 1,
+        end_page: int | None = None,
+        limit: int | None = None,
+        *,
+        time_budget_s: float | None = None,
+    ) -> PhotoListing:
         """Page from ``start_page`` until an empty page, ``end_page`` (inclusive), ``limit`` valid items or a failure.
 
         Never raises for a failed page: the listing comes back with ``complete=False`` and ``error``.
+        ``time_budget_s`` bounds the whole listing (a sensor tick has about a minute): past it, paging
+        stops there, incomplete. Logs a line per page with its counts and one per invalid entry (up to
+        ``max_logged_invalid``).
         """
+        started = time.monotonic()
         fetched_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         collector = _ItemCollector(limit)
         pages_fetched = 0
@@ -151,6 +193,10 @@ class PhotoListClient:
         error: str | None = None
         page = start_page
         while (end_page is None or page <= end_page) and not collector.full:
+            if time_budget_s is not None and time.monotonic() - started > time_budget_s:
+                error = f"the listing took longer than its {time_budget_s:g}s budget (stopped before page {page})"
+                self._log(f"warning: {error}")
+                break
             try:
                 body = self.fetch_page(page)
             except PhotoListError as failure:
@@ -162,9 +208,17 @@ class PhotoListClient:
                 self._log(f"page {page}: empty; stopping")
                 complete = True
                 break
-            self._log(f"page {page}: {len(body)} items")
-            collector.add_page(page, body)
+            new_invalid = len(collector.invalid)
+            counts = collector.add_page(page, body)
+            self._log(f"page {page}: {len(body)} items ({counts})")
+            for entry in collector.invalid[new_invalid : self._max_logged_invalid]:
+                self._log(f"warning: page {entry.page}: invalid entry {entry.index}: {entry.reason}")
+            if collector.full:
+                self._log(f"page {page}: limit of {limit} items reached; stopping")
             page += 1
+        unlogged = len(collector.invalid) - self._max_logged_invalid
+        if unlogged > 0:
+            self._log(f"... and {unlogged} more invalid entries")
         return PhotoListing(
             items=collector.items,
             invalid=collector.invalid,
@@ -174,6 +228,18 @@ class PhotoListClient:
             error=error,
             fetched_at=fetched_at,
         )
+
+
+def _parse_page(body: bytes) -> list[Any]:
+    """The page's JSON array. Anything else is retried: a proxy's HTML error page, a maintenance
+    object or a cut-off body are what an overloaded or restarting server sends."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as error:  # RecursionError: hostile nesting like "[[[[..."
+        raise TransientError(f"body is not JSON ({error})", kind="bad_page") from None
+    if not isinstance(data, list):
+        raise TransientError(f"expected a JSON array, got {type(data).__name__}", kind="bad_page")
+    return data
 
 
 class _ItemCollector:
@@ -190,20 +256,35 @@ class _ItemCollector:
     def full(self) -> bool:
         return self.limit is not None and len(self.items) >= self.limit
 
-    def add_page(self, page: int, body: list[Any]) -> None:
+    def add_page(self, page: int, body: list[Any]) -> _PageCounts:
+        counts = _PageCounts()
         for index, raw in enumerate(body):
             if self.full:
-                return
+                break
             try:
                 item = _parse_item(raw)
             except _RejectedItem as error:
                 self.invalid.append(InvalidItem(page, index, str(error)))
+                counts.invalid += 1
                 continue
             if item.image_id in self._seen:
                 self.duplicates += 1
+                counts.duplicates += 1
                 continue
             self._seen.add(item.image_id)
             self.items.append(item)
+            counts.valid += 1
+        return counts
+
+
+@dataclass
+class _PageCounts:
+    valid: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.valid} valid, {self.invalid} invalid, {self.duplicates} duplicates"
 
 
 class _RejectedItem(ValueError):

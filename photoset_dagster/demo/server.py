@@ -6,13 +6,16 @@ Tests, the benchmark and the offline demo point the real client code at it::
     GET /files/<name>         -> the bytes set with set_file (404 otherwise)
 
 A fault registered for an exact path+query answers the next ``times`` matching requests instead of
-the normal response. Run ``python -m photoset_dagster.demo.server`` to serve the demo catalog.
+the normal response (see :class:`Fault` for the kinds). Faults that hold a connection open (stalls,
+trickles) end as soon as the server stops, so a test never waits on them. Run
+``python -m photoset_dagster.demo.server`` to serve the demo catalog.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import threading
@@ -22,7 +25,9 @@ from typing import Literal
 
 from .catalog import load_demo
 
-FaultKind = Literal["status", "truncate", "timeout", "garbage", "not_array"]
+FaultKind = Literal[
+    "status", "truncate", "timeout", "garbage", "not_array", "trickle", "trickle_headers", "stall", "redirect"
+]
 
 _JSON, _BINARY, _TEXT = "application/json", "application/octet-stream", "text/plain"
 _CHUNK_BYTES = 64 * 1024
@@ -31,11 +36,29 @@ GARBAGE_BODY = b"<!doctype html><html><body>maintenance: not what you asked for<
 
 @dataclasses.dataclass
 class Fault:
+    """What to answer instead of the normal response.
+
+    - ``status``: ``status`` (default 503) with a short text body and optional ``retry_after``
+    - ``truncate``: the normal headers, half the body, then hang up
+    - ``timeout``: stall ``delay_s`` before the normal response
+    - ``garbage``: a 200 HTML page; ``not_array``: a 200 JSON object
+    - ``trickle``: 200 headers, then the normal body (and zeros after it) one byte every
+      ``interval_s`` until ``content_length`` bytes are sent, the client hangs up or the server
+      stops; ``content_length=None`` sends it chunked, without a length, so it never ends
+    - ``trickle_headers``: a status line and then endless header lines, one byte every ``interval_s``
+    - ``stall``: the normal headers, then nothing until the server stops
+    - ``redirect``: ``status`` (default 302) with ``Location: location``, any text: another path,
+      the same path (a loop), ``file:///etc/passwd``
+    """
+
     kind: FaultKind
-    status: int = 503
+    status: int | None = None  # "status" and "redirect": the status sent (None: the kind's default)
     retry_after: str | None = None  # Retry-After value sent with a "status" fault (seconds or HTTP-date)
     times: int = 1  # matching requests that get the fault before normal service (-1 = forever)
     delay_s: float = 2.0  # "timeout": how long to stall; keep it above the client's timeout
+    interval_s: float = 0.05  # "trickle" and "trickle_headers": pause before each byte
+    content_length: int | None = None  # "trickle": the Content-Length declared (None: chunked, endless)
+    location: str = "/"  # "redirect": the Location header
 
 
 class PhotoServer:
@@ -137,8 +160,9 @@ class PhotoServer:
                     return reply
         return _Reply(404, b"not found", _TEXT)
 
-    def _stall(self, seconds: float) -> None:
-        self._stopping.wait(seconds)
+    def _stall(self, seconds: float | None) -> bool:
+        """Wait ``seconds`` (None: until the server stops); True once the server is stopping."""
+        return self._stopping.wait(seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +199,17 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is None:
                 self._send(app._resolve(self.path))
             elif fault.kind == "status":
+                status = fault.status or 503
                 headers = (("Retry-After", fault.retry_after),) if fault.retry_after is not None else ()
-                self._send(_Reply(fault.status, f"injected HTTP {fault.status}".encode(), _TEXT, headers=headers))
+                self._send(_Reply(status, f"injected HTTP {status}".encode(), _TEXT, headers=headers))
+            elif fault.kind == "redirect":
+                self._send(_Reply(fault.status or 302, b"", _TEXT, headers=(("Location", fault.location),)))
+            elif fault.kind == "trickle":
+                self._send_trickle(app._resolve(self.path), fault)
+            elif fault.kind == "trickle_headers":
+                self._send_endless_headers(fault)
+            elif fault.kind == "stall":
+                self._send_headers_then_stall(app._resolve(self.path))
             elif fault.kind == "truncate":
                 self._send_truncated(app._resolve(self.path))
             elif fault.kind == "timeout":
@@ -216,6 +249,40 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(reply.body[: len(reply.body) // 2])
+
+    def _send_trickle(self, reply: _Reply, fault: Fault) -> None:
+        """One byte every ``fault.interval_s``: each read gets data long before any read timeout."""
+        app = self.server.app
+        chunked = fault.content_length is None
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", reply.content_type)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(fault.content_length))
+        self.end_headers()
+        source = itertools.chain(reply.body, itertools.repeat(0))  # the real head, so it looks like an image
+        sent = 0
+        while (chunked or sent < fault.content_length) and not app._stall(fault.interval_s):
+            byte = bytes([next(source)])
+            self.wfile.write(b"1\r\n%s\r\n" % byte if chunked else byte)
+            sent += 1
+
+    def _send_endless_headers(self, fault: Fault) -> None:
+        """A response that never gets past its headers, though a byte arrives long before any read timeout."""
+        self.close_connection = True
+        head = itertools.chain(b"HTTP/1.1 200 OK\r\n", itertools.cycle(b"X-Padding: 0\r\n"))
+        while not self.server.app._stall(fault.interval_s):
+            self.wfile.write(bytes([next(head)]))
+
+    def _send_headers_then_stall(self, reply: _Reply) -> None:
+        self.close_connection = True
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.server.app._stall(None)
 
     def log_message(self, format: str, *args: object) -> None:
         """Quiet: tests and benchmarks read ``PhotoServer.requests`` instead."""
