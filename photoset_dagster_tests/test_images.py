@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, features
+from PIL import Image, ImageCms, features
 
 from photoset_dagster.core.images import ImageDecodeError, ImageFacts, decode_image, model_input, read_facts
 
@@ -41,7 +42,9 @@ def test_exif_orientation_is_applied_to_pixels_and_facts(tmp_path: Path) -> None
     assert image.mode == "RGB" and image.size == (32, 64)
     assert _close(image.getpixel((16, 4)), RED) and _close(image.getpixel((16, 60)), BLUE)
     facts = read_facts(path)
-    assert facts == ImageFacts(width=32, height=64, aspect_bucket="704x1344", format="JPEG", mode="RGB", frames=1)
+    assert facts == ImageFacts(
+        width=32, height=64, aspect_bucket="704x1344", format="JPEG", mode="RGB", frames=1, color_profile=None
+    )
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path: Path) -> None:
@@ -147,6 +150,106 @@ def test_pillow_bomb_limit_is_an_error_and_no_warning_escapes(
         with pytest.raises(ImageDecodeError, match="decompression bomb"):
             decode_image(path)
     assert Image.MAX_IMAGE_PIXELS == limit  # decode_image never changes the global
+
+
+# --- colour management ----------------------------------------------------------------------------
+
+# Display P3's primaries adapted to D50 (the ICC connection space), as in Apple's Display P3 profile.
+DISPLAY_P3 = ((0.51512, 0.24120, -0.00105), (0.29198, 0.69225, 0.04189), (0.15710, 0.06657, 0.78407))
+# sRGB's, likewise (IEC 61966-2-1, Bradford-adapted): what LittleCMS's built-in sRGB profile holds.
+SRGB_D50 = ((0.4360747, 0.2225045, 0.0139322), (0.3850649, 0.7168786, 0.0971045), (0.1430804, 0.0606169, 0.7141733))
+D50 = (0.9642, 1.0, 0.8249)
+
+
+def _matrix_profile(description: str, colorants: tuple[tuple[float, float, float], ...], gamma: float) -> bytes:
+    """A real ICC v2 display profile (matrix/TRC), written byte by byte: ImageCms builds only sRGB."""
+
+    def s15f16(*values: float) -> bytes:
+        return b"".join(struct.pack(">i", round(value * 65536)) for value in values)
+
+    text = description.encode("ascii") + b"\0"
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(gamma * 256)) + bytes(2)
+    tags = {
+        b"desc": b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(78),  # no Unicode/Mac names
+        b"wtpt": b"XYZ " + bytes(4) + s15f16(*D50),
+        **{name: b"XYZ " + bytes(4) + s15f16(*xyz) for name, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants)},
+        b"rTRC": curve, b"gTRC": curve, b"bTRC": curve,
+        b"cprt": b"text" + bytes(4) + b"public domain\0",
+    }  # fmt: skip
+    bodies = [body + bytes(-len(body) % 4) for body in tags.values()]
+    offset = 128 + 4 + 12 * len(tags)
+    table = struct.pack(">I", len(tags))
+    for name, body in zip(tags, bodies):
+        table += name + struct.pack(">II", offset, len(body))
+        offset += len(body)
+    header = (
+        struct.pack(">I", offset) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + bytes(12)
+        + b"acsp" + bytes(28) + s15f16(*D50) + bytes(48)
+    )  # fmt: skip
+    return header + table + b"".join(bodies)
+
+
+def _p3_to_srgb(value: tuple[int, int, int], gamma: float) -> np.ndarray:
+    """The expected conversion, by the colour maths: decode, to XYZ (D50), to linear sRGB, encode."""
+    linear = (np.array(value) / 255) ** gamma
+    srgb = np.clip(np.linalg.solve(np.array(SRGB_D50).T, np.array(DISPLAY_P3).T @ linear), 0, 1)
+    encoded = np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
+    return encoded * 255
+
+
+P3_GAMMA = 2.2
+P3_PROFILE = _matrix_profile("Display P3 (photoset test)", DISPLAY_P3, P3_GAMMA)
+SKIN, FOLIAGE, GREY = (180, 120, 80), (40, 160, 60), (128, 128, 128)
+
+
+def _swatches(mode: str = "RGB") -> Image.Image:
+    """Three 16-pixel squares (JPEG keeps flat blocks exact enough); sample them at ``_swatch(x)``."""
+    image = Image.new(mode, (48, 16))
+    for x, colour in enumerate((SKIN, FOLIAGE, GREY)):
+        image.paste(colour + ((255,) if mode == "RGBA" else ()), (16 * x, 0, 16 * x + 16, 16))
+    return image
+
+
+def _swatch(x: int) -> tuple[int, int]:
+    return 16 * x + 8, 8
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("PNG", 1.0), ("JPEG", 4.0)])
+def test_display_p3_photo_is_converted_to_srgb(tmp_path: Path, fmt: str, tolerance: float) -> None:
+    options = {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
+    path = _save(tmp_path / "p3", _swatches(), fmt, icc_profile=P3_PROFILE, **options)
+    naive = Image.open(path).convert("RGB")  # what the seed did: the P3 numbers read as sRGB
+    image = decode_image(path)
+
+    assert read_facts(path).color_profile == "Display P3 (photoset test)"
+    for x, colour in enumerate((SKIN, FOLIAGE, GREY)):
+        np.testing.assert_allclose(image.getpixel(_swatch(x)), _p3_to_srgb(colour, P3_GAMMA), atol=tolerance)
+    # The same numbers mean more saturated colours in P3: in sRGB the dominant channel rises, the others fall.
+    (r, g, b), (naive_r, naive_g, naive_b) = image.getpixel(_swatch(0)), naive.getpixel(_swatch(0))
+    assert r > naive_r + 8 and b < naive_b - 8
+    (r, g, b), (naive_r, naive_g, naive_b) = image.getpixel(_swatch(1)), naive.getpixel(_swatch(1))
+    assert g > naive_g and r < naive_r - 20 and b < naive_b - 20
+
+
+def test_transparency_of_a_tagged_image_stays_white(tmp_path: Path) -> None:
+    rgba = _swatches("RGBA")
+    rgba.paste((0, 0, 0, 0), (32, 0, 48, 16))
+    image = decode_image(_save(tmp_path / "p3a", rgba, "PNG", icc_profile=P3_PROFILE))
+    assert image.getpixel(_swatch(2)) == WHITE
+    np.testing.assert_allclose(image.getpixel(_swatch(0)), _p3_to_srgb(SKIN, P3_GAMMA), atol=1.0)
+
+
+def test_profiles_that_change_nothing_or_do_not_apply_are_not_converted(tmp_path: Path) -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    cases = {
+        "srgb": (_swatches(), srgb),  # already sRGB: nothing to convert
+        "grey": (Image.new("L", (48, 16), 100), P3_PROFILE),  # an RGB profile says nothing about grey pixels
+        "broken": (_swatches(), b"not an ICC profile"),
+    }
+    for name, (image, profile) in cases.items():
+        path = _save(tmp_path / name, image, "PNG", icc_profile=profile)
+        assert read_facts(path).color_profile is None, name
+        assert decode_image(path).tobytes() == image.convert("RGB").tobytes(), name
 
 
 def test_model_input_bucket_crop_and_original_size() -> None:

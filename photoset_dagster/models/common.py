@@ -1,13 +1,16 @@
-"""What the four model families share: settings, device/dtype choice, guarded loading, load counts."""
+"""What the four model families share: settings, device and compute-dtype choice, guarded loading,
+8-bit uploads, load counts."""
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy as np
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from PIL import Image
 
 from ..core.artefacts import Recipe
 
@@ -20,7 +23,7 @@ T = TypeVar("T")
 # run loads each model once, and an all-current run loads none.
 LOAD_COUNTS: collections.Counter[str] = collections.Counter()
 
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 class ModelLoadError(RuntimeError):
@@ -39,40 +42,53 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}: {exc}") from exc
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``"auto"`` -> bfloat16 on cuda, float32 elsewhere (bf16 on CPU is slow and erratic)."""
-    import torch
+def resolve_dtype(name: str, default: str) -> str:
+    """The concrete compute dtype ``name`` stands for; ``"auto"`` is the family's ``default``.
 
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(_DTYPE_NAMES)}")
-    return getattr(torch, name)
+    Never the device's choice: the resolved name goes into the recipe, so moving a pass between
+    machines with the same setting keeps every artefact current.
+    """
+    resolved = default if name == "auto" else name
+    if resolved not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPE_NAMES)}")
+    return resolved
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Where a model comes from and how it runs. Only ``model_id``/``revision`` (plus each family's
-    recipe options) change an artefact's bytes; device, dtype and batch size do not."""
+    """Where a model comes from and how it runs. ``model_id``/``revision``, the compute dtype and each
+    family's recipe options change an artefact's bytes; the device and the batch size do not."""
+
+    # Each family's measured choice (see its module); what ``dtype="auto"`` means.
+    DEFAULT_DTYPE: ClassVar[str] = "float32"
 
     model_id: str
     revision: str | None = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = DEFAULT_DTYPE
     batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        resolve_dtype(self.dtype, self.DEFAULT_DTYPE)  # a misspelt dtype fails here, not at the first batch
+
+    @property
+    def compute_dtype(self) -> str:
+        """The concrete dtype the model computes in ("float32", "bfloat16" or "float16")."""
+        return resolve_dtype(self.dtype, self.DEFAULT_DTYPE)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
 
     def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.torch_device())
+        import torch
+
+        return getattr(torch, self.compute_dtype)
 
     def _recipe(self, kind: str, **options: Any) -> Recipe:
-        return Recipe(kind, {"model_id": self.model_id, "revision": self.revision, **options})
+        settings = {"model_id": self.model_id, "revision": self.revision, "dtype": self.compute_dtype}
+        return Recipe(kind, {**settings, **options})
 
 
 def guarded_load(family: str, label: str, model_id: str, env_var: str, load: Callable[[], T]) -> T:
@@ -89,3 +105,15 @@ def guarded_load(family: str, label: str, model_id: str, env_var: str, load: Cal
         ) from exc
     LOAD_COUNTS[family] += 1
     return loaded
+
+
+def pixels_on(device: torch.device, images: Sequence[Image.Image]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 on ``device`` from same-size images.
+
+    Pixels travel as bytes and become floats on the device: a quarter of the copy, and the
+    conversion is not CPU work in the thread that feeds the model.
+    """
+    import torch
+
+    array = np.stack([np.asarray(image if image.mode == "RGB" else image.convert("RGB")) for image in images])
+    return torch.from_numpy(array).to(device).permute(0, 3, 1, 2)
