@@ -72,10 +72,6 @@ class DatasetFactory:
     layout: DataLayout
     recipes: dict[str, Recipe]
 
-    @property
-    def recipe_hashes(self) -> dict[str, str]:
-        return {kind: recipe.hash for kind, recipe in self.recipes.items()}
-
     def _rng(self, image_id: str) -> np.random.Generator:
         return np.random.default_rng(int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little"))
 
@@ -130,6 +126,7 @@ class DatasetFactory:
         body = {
             "ext": image.ext, "width": image.width, "height": image.height, "aspect_bucket": image.bucket,
             "format": "JPEG", "mode": "RGB", "frames": 1, "raw_size": stat.st_size, "raw_mtime_ns": stat.st_mtime_ns,
+            "raw_inode": stat.st_ino,
             **overrides,
         }
         write_json_artefact(self.layout, "facts", image.image_id, body, None, {"raw_sha256": image.raw_sha256})

@@ -17,7 +17,7 @@ def dataset(layout, dataset_factory):
     for n, image_id in enumerate(IDS):
         dataset_factory.add(image_id, bucket="1216x832" if n == 0 else "1024x1024")
     layout.npy_path("dinov3_patches", "img00").write_bytes(b"patches")
-    build_dataset_jsonl(layout, IDS, dataset_factory.recipe_hashes)
+    build_dataset_jsonl(layout, IDS, dataset_factory.recipes)
     with open(layout.dataset_jsonl, "a") as handle:
         handle.write("{a malformed line survives\n")
     return IDS
@@ -28,7 +28,8 @@ def _jsonl_ids(layout):
 
 
 def _files_of(layout, image_id):
-    return [layout.approved_link(image_id, "jpg"), layout.raw_path(image_id), *layout.derived_paths(image_id)]
+    made = [path for path in layout.derived_paths(image_id) if path.parent != layout.thumbnails_dir]
+    return [layout.approved_link(image_id, "jpg"), layout.raw_path(image_id), *made]
 
 
 def test_plan_lists_everything_of_removed_ids(layout, dataset):
@@ -111,7 +112,7 @@ def test_broken_link_of_an_approved_id_goes_but_its_data_stays(layout, dataset):
     report = execute_prune(layout, plan)
 
     assert not os.path.lexists(layout.approved_link("img05", "jpg"))
-    assert all(path.exists() for path in layout.derived_paths("img05")[:-1])  # all but patches (none made)
+    assert all(path.exists() for path in layout.derived_paths("img05")[:-2])  # all but patches, thumbnail (none made)
     assert "img05" in _jsonl_ids(layout)
     assert report.files_removed == {"broken links": 1} and report.links_removed == 1
 

@@ -185,7 +185,7 @@ def test_migration_dry_run_changes_nothing(layout, recipes, stage1):
 def test_builder_writes_stage2_after_migration(layout, recipes, stage1, dataset_factory):
     migrate_stage1(layout, dinov3_recipe=recipes["dinov3"], caption_recipe=recipes["captions"])
 
-    report = build_dataset_jsonl(layout, ["good1", "nocap"], dataset_factory.recipe_hashes)
+    report = build_dataset_jsonl(layout, ["good1", "nocap"], dataset_factory.recipes)
 
     assert report.records == 0 and report.not_ready == {"missing facts": 2}
     assert layout.dataset_jsonl.read_text() == "" and not holds_stage1_records(layout.dataset_jsonl)

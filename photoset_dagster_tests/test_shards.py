@@ -3,13 +3,14 @@ import json
 import os
 import random
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import webdataset as wds
 
 from photoset_dagster.core.dataset import build_dataset_jsonl
-from photoset_dagster.core.shards import ShardError, ShardOptions, read_dataset_records, write_bucket_shards
+from photoset_dagster.core.shards import ShardError, ShardOptions, ShardRefused, read_dataset_records, write_bucket_shards
 
 BUCKET = "1024x1024"
 
@@ -19,12 +20,12 @@ def images(layout, dataset_factory):
     """Five images in BUCKET, two in another bucket; returns {id: SyntheticImage}."""
     images = {f"sq{n}": dataset_factory.add(f"sq{n}", bucket=BUCKET, caption=f"square {n} \u00e9") for n in range(5)}
     images |= {f"tall{n}": dataset_factory.add(f"tall{n}", bucket="832x1216") for n in range(2)}
-    build_dataset_jsonl(layout, images, dataset_factory.recipe_hashes)
+    build_dataset_jsonl(layout, images, dataset_factory.recipes)
     return images
 
 
 def _rebuild(layout, dataset_factory, ids):
-    build_dataset_jsonl(layout, ids, dataset_factory.recipe_hashes)
+    build_dataset_jsonl(layout, ids, dataset_factory.recipes)
     return read_dataset_records(layout)
 
 
@@ -71,7 +72,7 @@ def test_index_describes_every_shard(layout, images, dataset_factory):
 
     index = json.loads(report.index_path.read_text())
     assert index["__kind__"] == "wids-shard-index-v1" and index["name"] == f"bucket_{BUCKET}"
-    assert index["recipes"] == dataset_factory.recipe_hashes
+    assert index["recipes"] == {kind: recipe.hash for kind, recipe in dataset_factory.recipes.items()}
     shardlist = [(entry["url"], entry["nsamples"]) for entry in index["shardlist"]]
     assert shardlist == [("shard-000000.tar", 3), ("shard-000001.tar", 2)]
     for entry in index["shardlist"]:
@@ -119,7 +120,9 @@ def test_fewer_samples_remove_the_extra_shards(layout, images, dataset_factory):
     write_bucket_shards(layout, BUCKET, read_dataset_records(layout), options)
 
     records = _rebuild(layout, dataset_factory, ["sq0", "sq1", "sq2"])
-    report = write_bucket_shards(layout, BUCKET, records, options)
+    with pytest.raises(ShardRefused, match="refusing to shrink its shards from 5 to 3 samples"):
+        write_bucket_shards(layout, BUCKET, records, options)  # the guard: more than a tenth would go
+    report = write_bucket_shards(layout, BUCKET, records, replace(options, force=True))
 
     assert report.removed_stale == ["shard-000002.tar"]
     assert sorted(p.name for p in layout.bucket_shard_dir(BUCKET).iterdir()) == [

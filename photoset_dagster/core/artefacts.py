@@ -5,9 +5,10 @@ themselves the artefact; each ``.npy`` has a sidecar ``<kind>/<id>.json``. The s
 *after* its ``.npy`` and acts as the commit marker: an ``.npy`` without a sidecar is incomplete.
 
 A record holds the ``recipe`` (model id, revision, settings) and the ``inputs`` it was computed
-from (raw file hash, caption hash). An artefact is *current* when its recipe hash equals the
-configured one and its inputs equal the current inputs; anything else is *stale* and the
-catch-up job recomputes exactly those.
+from (raw file hash, caption hash); a sidecar also holds the *proof* of its ``.npy`` (size, mtime
+and sha256 of the file as written), so a file truncated, edited or swapped after the sidecar was
+written is caught (``core.validity``). An artefact is *current* when its recipe equals the
+configured one and its inputs equal the current inputs; anything else is *stale*.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_write_json, save_npy_atomic
+from .atomic import atomic_write_bytes, atomic_write_json, npy_bytes
 from .layout import NPY_KINDS, DataLayout
 
 FORMAT_VERSION = 2
@@ -37,6 +38,12 @@ def fingerprint(obj: Any) -> str:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def file_proof(path: Path, sha256: str) -> dict[str, Any]:
+    """What a sidecar records about its ``.npy`` as written: a cheap stat key plus the content hash."""
+    stat = os.stat(path)
+    return {"npy_size": stat.st_size, "npy_mtime_ns": stat.st_mtime_ns, "npy_sha256": sha256}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -90,7 +97,9 @@ def write_npy_artefact(
         raise ValueError(f"{kind!r} is not an npy artefact kind")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{kind} for {image_id} has non-finite values; not stored")
-    save_npy_atomic(layout.npy_path(kind, image_id), array)
+    data = npy_bytes(array)
+    npy = layout.npy_path(kind, image_id)
+    atomic_write_bytes(npy, data)
     record = {
         "image_id": image_id,
         "kind": kind,
@@ -99,6 +108,7 @@ def write_npy_artefact(
         "inputs": dict(inputs),
         "shape": list(array.shape),
         "dtype": str(array.dtype),
+        **file_proof(npy, hashlib.sha256(data).hexdigest()),
         "created_at": now_iso(),
         **(extra or {}),
     }
@@ -123,24 +133,39 @@ def write_json_artefact(
     return record
 
 
-def staleness(record: Mapping[str, Any] | None, recipe_hash: str | None, inputs: Mapping[str, str]) -> str | None:
-    """Why an artefact record is not current (``None`` when it is)."""
+def recipe_change(record: Mapping[str, Any], recipe: Recipe) -> str | None:
+    """Which settings differ between the recipe a record was made with and ``recipe``, as
+    ``"kind: name old -> new"`` (None when the recipe is the same)."""
+    if record.get("recipe_hash") == recipe.hash:
+        return None
+    recorded = record.get("recipe")
+    if not isinstance(recorded, Mapping):
+        return f"{recipe.kind}: made with an unrecorded recipe ({record.get('recipe_hash')} -> {recipe.hash})"
+    current = recipe.as_dict()
+    changes = [
+        f"{name} {_setting(recorded, name)} -> {_setting(current, name)}"
+        for name in sorted(set(recorded) | set(current))
+        if recorded.get(name) != current.get(name)
+    ]
+    return f"{recipe.kind}: " + ", ".join(changes or [f"recipe {record.get('recipe_hash')} -> {recipe.hash}"])
+
+
+def _setting(recipe: Mapping[str, Any], name: str) -> str:
+    if name not in recipe:
+        return "(unset)"
+    value = recipe[name]
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def staleness(record: Mapping[str, Any] | None, recipe: Recipe | None, inputs: Mapping[str, str]) -> str | None:
+    """Why an artefact record is not current (``None`` when it is); a changed recipe names its settings."""
     if record is None:
         return "missing"
-    if recipe_hash is not None and record.get("recipe_hash") != recipe_hash:
-        return f"recipe changed ({record.get('recipe_hash')} -> {recipe_hash})"
+    if recipe is not None and (change := recipe_change(record, recipe)):
+        return f"recipe changed ({change})"
     recorded = record.get("inputs") or {}
     for name, value in inputs.items():
         if recorded.get(name) != value:
             return f"input {name} changed"
     return None
-
-
-def npy_staleness(
-    layout: DataLayout, kind: str, image_id: str, recipe_hash: str, inputs: Mapping[str, str]
-) -> str | None:
-    """Like :func:`staleness` for an npy artefact, also requiring the ``.npy`` file itself."""
-    reason = staleness(read_json(layout.json_path(kind, image_id)), recipe_hash, inputs)
-    if reason is None and not os.path.isfile(layout.npy_path(kind, image_id)):
-        return "npy file missing"
-    return reason

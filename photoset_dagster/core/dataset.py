@@ -17,6 +17,7 @@ No ``.npy`` is ever opened: its presence is enough.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -27,17 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artefacts import FORMAT_VERSION, read_json, staleness, text_hash
-from .atomic import atomic_open
+from .artefacts import FORMAT_VERSION, Recipe, read_json, staleness, text_hash
+from .atomic import atomic_open, atomic_write_json
 from .buckets import BUCKET_NAMES
 from .layout import NPY_KINDS, DataLayout, is_valid_image_id
 from .lock import data_lock
-from .records import is_attention_mask, jsonl_text, write_jsonl_atomic
+from .records import is_attention_mask, iter_jsonl, jsonl_text, write_jsonl_atomic
+from .validity import sidecar_problem
 
 CURRENT_KINDS = ("captions", "dinov3", "vae_latents", "t5_hidden")
 _SCANNED_KINDS = ("facts", *CURRENT_KINDS)
 # Bump when the cache's layout or the records' content changes, so old caches are discarded.
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4
 _CACHE_DIR = "dataset_cache"
 _SETTLE_NS = 2_000_000_000  # a folder state is trusted once its mtime is this much older than the listing
 MAX_EXAMPLES = 50
@@ -48,6 +50,45 @@ def expected_inputs(kind: str, raw_sha256: str | None, caption: str | None) -> d
     if kind == "t5_hidden":
         return {"caption_sha256": text_hash(caption)} if isinstance(caption, str) else {}
     return {"raw_sha256": raw_sha256} if raw_sha256 else {}
+
+
+class DatasetGuard(RuntimeError):
+    """The rebuild would drop too many ready records because their artefacts were made with another
+    recipe; nothing was written. The message names the settings that differ."""
+
+
+def _guard(previous_ids: set[str], outputs: Mapping[str, Any], max_fraction: float) -> None:
+    """Refuse when more than ``max_fraction`` of the records in the current JSONL would be dropped only
+    because the recipe in force differs from the one their artefacts were made with."""
+    dropped = [outputs[image_id] for image_id in previous_ids
+               if image_id in outputs and not isinstance(outputs[image_id], dict)]
+    by_recipe = Counter(detail for category, detail in dropped if category.startswith("stale") and "recipe" in detail)
+    count = sum(by_recipe.values())
+    if not count or count <= max_fraction * len(previous_ids):
+        return
+    changes = "; ".join(f"{detail} ({n} images)" for detail, n in by_recipe.most_common(5))
+    raise DatasetGuard(
+        f"refusing to rebuild the dataset: {count} of its {len(previous_ids)} records would be dropped because "
+        f"their artefacts were made with another recipe ({changes}). Run `photoset generate` to recompute them "
+        f"with the settings in force, or put the old settings back (`photoset config` shows where each comes "
+        f"from); --force rebuilds anyway"
+    )
+
+
+def status_path(layout: DataLayout) -> Path:
+    return layout.state_dir / "dataset_status.json"
+
+
+def read_status(layout: DataLayout) -> dict[str, Any]:
+    """The last build's counts (records, not-ready reasons), for readers that must not rebuild (the report)."""
+    return read_json(status_path(layout)) or {}
+
+
+def _jsonl_ids(path: Path) -> set[str]:
+    if not path.is_file():
+        return set()
+    return {record["image_id"] for _, record, _ in iter_jsonl(path)
+            if record is not None and isinstance(record.get("image_id"), str)}
 
 
 @dataclass
@@ -85,15 +126,20 @@ def _summarise(kind: str, record: dict[str, Any] | None) -> dict[str, Any] | Non
     """The fields the builder needs from one JSON record (still a valid ``staleness`` record)."""
     if record is None:
         return None
-    summary: dict[str, Any] = {"recipe_hash": record.get("recipe_hash"), "inputs": record.get("inputs") or {}}
+    summary: dict[str, Any] = {"recipe_hash": record.get("recipe_hash"), "recipe": record.get("recipe"),
+                               "inputs": record.get("inputs") or {}}
     if kind == "facts":
-        summary.update({name: record.get(name) for name in ("ext", "width", "height", "aspect_bucket")})
+        names = ("ext", "width", "height", "aspect_bucket", "raw_size", "raw_mtime_ns", "raw_inode")
+        summary.update({name: record.get(name) for name in names})
     elif kind == "captions":
         summary["caption"] = record.get("caption")
-    elif kind == "t5_hidden":
-        mask, shape = record.get("attention_mask"), record.get("shape")
-        summary["mask"] = mask if is_attention_mask(mask) else None
-        summary["rows"] = shape[0] if isinstance(shape, list) and shape else None
+    else:
+        summary.update({name: record.get(name) for name in ("npy_size", "npy_mtime_ns", "npy_sha256")})
+        summary["problem"] = sidecar_problem(kind, record)
+        if kind == "t5_hidden":
+            mask, shape = record.get("attention_mask"), record.get("shape")
+            summary["mask"] = mask if is_attention_mask(mask) else None
+            summary["rows"] = shape[0] if isinstance(shape, list) and shape else None
     return summary
 
 
@@ -174,9 +220,15 @@ class _Cache:
     def outputs(self) -> dict[str, Any]:
         return dict(zip(self.meta["ids"], self.meta["outputs"]))
 
+    def ready_ids(self) -> set[str] | None:
+        """Ids in the JSONL as this builder last wrote it (None when the cache knows nothing)."""
+        if not self.meta["ids"]:
+            return None
+        return {image_id for image_id, output in self.outputs().items() if isinstance(output, dict)}
+
     def ready_lines(self) -> dict[str, str]:
         """id -> JSONL line of every image that was ready last time."""
-        ready = [image_id for image_id, output in self.outputs().items() if isinstance(output, str)]
+        ready = [image_id for image_id, output in self.outputs().items() if isinstance(output, dict)]
         with open(self.directory / "lines.jsonl", encoding="utf-8") as handle:
             return dict(zip(ready, handle.read().splitlines()))
 
@@ -297,7 +349,7 @@ def _current(
     summaries: Mapping[str, dict[str, Any] | None],
     arrays: set[str],
     kind: str,
-    recipe_hash: str | None,
+    recipe: Recipe | None,
     inputs: Mapping[str, str],
 ) -> dict[str, Any]:
     if kind not in summaries:
@@ -305,7 +357,9 @@ def _current(
     summary = summaries[kind]
     if summary is None:
         raise _NotReady(f"unreadable {kind}", f"{kind} record is not readable JSON")
-    reason = staleness(summary, recipe_hash, inputs)
+    if summary.get("problem"):
+        raise _NotReady(f"invalid {kind}", f"{kind}: {summary['problem']}")
+    reason = staleness(summary, recipe, inputs)
     if reason is not None:
         raise _NotReady(f"stale {kind} ({reason.split(' (')[0]})", f"{kind} {reason}")
     if kind in NPY_KINDS and kind not in arrays:
@@ -332,7 +386,7 @@ def _dataset_record(
     image_id: str,
     summaries: Mapping[str, dict[str, Any] | None],
     arrays: set[str],
-    recipes: dict[str, str],
+    recipes: Mapping[str, Recipe],
 ) -> dict[str, Any]:
     """The Stage-2 record of an image from its records' summaries (kind -> summary, None if unreadable,
     absent if missing) and the kinds whose .npy exists; raises _NotReady with the first failing check,
@@ -367,22 +421,87 @@ def _dataset_record(
         "aspect_bucket": facts["aspect_bucket"],
         "format_version": FORMAT_VERSION,
         "raw_sha256": raw_sha256,
-        "recipes": recipes,
+        "recipes": {kind: recipe.hash for kind, recipe in recipes.items()},
         "t5_max_length": t5["rows"],
+        # The proof of each array, so the shard writer can refuse one that changed since (it hashes
+        # what it packs anyway).
+        "npy_sha256": {kind: (summaries[kind] or {}).get("npy_sha256") for kind in NPY_KINDS},
     }
+
+
+def _proof(
+    image_id: str, summaries: Mapping[str, dict[str, Any] | None], folders: Mapping[str, int | None]
+) -> list[int]:
+    """That the raw and the three arrays are still the bytes their records describe (stat first, the
+    sha256 only for a file that moved); returns the files' current [size, mtime_ns(, inode)] keys for
+    the next build, or raises _NotReady."""
+    facts = summaries["facts"] or {}
+    raw = _stat_in(folders["raw"], image_id)
+    if raw is None:
+        raise _NotReady("missing raw", "raw file missing")
+    proof = list(raw)
+    if raw != [facts.get("raw_size"), facts.get("raw_mtime_ns"), facts.get("raw_inode")]:
+        if _sha256_in(folders["raw"], image_id) != facts["inputs"]["raw_sha256"]:
+            raise _NotReady("stale facts (raw file changed)", "the raw file changed since its facts were recorded")
+    for kind in NPY_KINDS:
+        summary = summaries[kind] or {}
+        stat = _stat_in(folders[kind], f"{image_id}.npy")
+        if stat is None:
+            raise _NotReady(f"missing {kind} npy", f"{kind} .npy missing")
+        if not isinstance(summary.get("npy_sha256"), str):
+            raise _NotReady(f"invalid {kind}", f"{kind} sidecar has no proof of its .npy (written by an older photoset)")
+        if stat[:2] != [summary.get("npy_size"), summary.get("npy_mtime_ns")]:
+            if _sha256_in(folders[kind], f"{image_id}.npy") != summary["npy_sha256"]:
+                raise _NotReady(f"invalid {kind}", f"{kind} .npy does not match its sidecar (truncated or replaced)")
+        proof += stat[:2]
+    return proof
+
+
+def _stat_in(folder: int | None, name: str) -> list[int] | None:
+    if folder is None:
+        return None
+    try:
+        stat = os.stat(name, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def _sha256_in(folder: int | None, name: str) -> str:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder)
+    digest = hashlib.sha256()
+    with os.fdopen(fd, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _proof_holds(output: Any, image_id: str, folders: Mapping[str, int | None]) -> bool:
+    """A ready image's files still have the stat keys they had when it was judged (one stat each)."""
+    if not isinstance(output, dict):
+        return True  # not ready: it can only become ready through a record change, which is noticed
+    current = _stat_in(folders["raw"], image_id) or []
+    for kind in NPY_KINDS:
+        current += (_stat_in(folders[kind], f"{image_id}.npy") or [None, None, None])[:2]
+    return current == output.get("proof")
 
 
 @dataclass
 class _Evaluated:
-    """One image evaluated from its files: the cache output (bucket, or [category, detail]) and its line."""
+    """One image evaluated from its files: the cache output ({bucket, proof}, or [category, detail]) and
+    its line."""
 
-    output: str | list[str]
+    output: dict[str, Any] | list[str]
     line: str | None
     files_read: int
 
 
 def _evaluate(
-    layout: DataLayout, image_id: str, listings: Mapping[str, _Listing], recipes: dict[str, str]
+    layout: DataLayout,
+    image_id: str,
+    listings: Mapping[str, _Listing],
+    recipes: Mapping[str, Recipe],
+    folders: Mapping[str, int | None],
 ) -> _Evaluated:
     """Read the image's records (refreshing the scanned listings' keys) and judge it."""
     summaries: dict[str, dict[str, Any] | None] = {}
@@ -394,14 +513,15 @@ def _evaluate(
     arrays = {kind for kind in NPY_KINDS if listings[kind].folder is not None and listings[kind].has_npy(image_id)}
     try:
         record = _dataset_record(layout, image_id, summaries, arrays, recipes)
+        proof = _proof(image_id, summaries, folders)
     except _NotReady as reason:
         return _Evaluated([reason.category, reason.detail], None, len(summaries))
-    return _Evaluated(record["aspect_bucket"], jsonl_text(record), len(summaries))
+    return _Evaluated({"bucket": record["aspect_bucket"], "proof": proof}, jsonl_text(record), len(summaries))
 
 
 def _jsonl_lines(outputs: Mapping[str, Any], new_lines: Mapping[str, str], cache: _Cache) -> Iterator[str]:
     """The JSONL's lines in id order: those just evaluated, the others as the cache kept them."""
-    ready = [image_id for image_id, output in outputs.items() if isinstance(output, str)]
+    ready = [image_id for image_id, output in outputs.items() if isinstance(output, dict)]
     kept = cache.ready_lines() if len(ready) > len(new_lines) else {}
     return (new_lines.get(image_id) or kept[image_id] for image_id in ready)
 
@@ -409,31 +529,39 @@ def _jsonl_lines(outputs: Mapping[str, Any], new_lines: Mapping[str, str], cache
 def build_dataset_jsonl(
     layout: DataLayout,
     image_ids: Iterable[str],
-    recipe_hashes: Mapping[str, str],
+    recipes: Mapping[str, Recipe],
     *,
     backups: int = 3,
     use_cache: bool = True,
+    max_drop_fraction: float = 0.10,
+    force: bool = False,
 ) -> DatasetReport:
     """Write ``layout.dataset_jsonl``: one record per ready image among ``image_ids``, sorted by id.
 
-    ``recipe_hashes`` holds the configured recipe hash of each of :data:`CURRENT_KINDS`. Any existing file is
+    ``recipes`` holds the configured recipe of each of :data:`CURRENT_KINDS`. Any existing file is
     replaced (a Stage-1 file must be migrated by the caller first), keeping ``backups`` backups.
-    ``use_cache=False`` ignores the cache and reads every record (the cache is then rebuilt); use it after
-    editing artefact files in place, which the folder check cannot see.
+    Every build re-checks, with one stat each, that every ready image's raw file and arrays are still
+    the bytes their records describe (an in-place edit of a record itself goes unseen while nothing
+    else changes in its folder; ``use_cache=False`` reads every record again).
+    Raises :class:`DatasetGuard`, writing nothing, when
+    more than ``max_drop_fraction`` of the current records would go because of a recipe change, unless
+    ``force``.
     """
-    missing = [kind for kind in CURRENT_KINDS if kind not in recipe_hashes]
+    missing = [kind for kind in CURRENT_KINDS if kind not in recipes]
     if missing:
-        raise ValueError(f"recipe_hashes lacks {', '.join(missing)}")
+        raise ValueError(f"recipes lacks {', '.join(missing)}")
     started, started_ns = time.monotonic(), time.time_ns()
-    recipes = {kind: recipe_hashes[kind] for kind in CURRENT_KINDS}
+    recipes = {kind: recipes[kind] for kind in CURRENT_KINDS}
+    hashes = {kind: recipe.hash for kind, recipe in recipes.items()}
     requested = set(image_ids)
     wanted = {image_id for image_id in requested if is_valid_image_id(image_id)}
-    with data_lock(layout.lock_path, exclusive=False), contextlib.ExitStack() as folders:
-        cache = _Cache.load(layout.state_dir / _CACHE_DIR, {"recipes": recipes, "root": layout.root.name}, use_cache)
+    with data_lock(layout.lock_path, exclusive=False, what="dataset build"), contextlib.ExitStack() as folders:
+        cache = _Cache.load(layout.state_dir / _CACHE_DIR, {"recipes": hashes, "root": layout.root.name}, use_cache)
         listings = {
             kind: _list_folder(_open_folder(folders, layout.kind_dir(kind)), kind, wanted, cache, started_ns)
             for kind in _SCANNED_KINDS
         }
+        fds = {"raw": _open_folder(folders, layout.raw_dir), **{kind: listings[kind].folder for kind in NPY_KINDS}}
         changed = set().union(*(listing.changed for listing in listings.values()))
         previous = cache.outputs()
         outputs: dict[str, Any] = {}
@@ -442,14 +570,17 @@ def build_dataset_jsonl(
         for image_id in sorted(requested):
             if image_id not in wanted:
                 outputs[image_id] = ["invalid image id", "not a valid image id"]
-            elif image_id in previous and image_id not in changed:
+            elif image_id in previous and image_id not in changed and _proof_holds(previous[image_id], image_id, fds):
                 outputs[image_id] = previous[image_id]
             else:
-                evaluated = _evaluate(layout, image_id, listings, recipes)
+                evaluated = _evaluate(layout, image_id, listings, recipes, fds)
                 outputs[image_id] = evaluated.output
                 files_read += evaluated.files_read
                 if evaluated.line is not None:
                     new_lines[image_id] = evaluated.line
+        if not force:
+            kept = cache.ready_ids() if cache.meta.get("jsonl_key") == _file_key(layout.dataset_jsonl) else None
+            _guard(kept if kept is not None else _jsonl_ids(layout.dataset_jsonl), outputs, max_drop_fraction)
         backup = None
         jsonl_as_written = cache.meta.get("jsonl_key") == _file_key(layout.dataset_jsonl)
         if new_lines or outputs != previous or not jsonl_as_written:
@@ -459,17 +590,19 @@ def build_dataset_jsonl(
         elif any(listing.scanned for listing in listings.values()):
             cache.store(listings, outputs, layout.dataset_jsonl)  # new folder states and keys
 
-    ready = {image_id: out for image_id, out in outputs.items() if isinstance(out, str)}
-    not_ready = [(image_id, out) for image_id, out in outputs.items() if not isinstance(out, str)]
+    ready = {image_id: out["bucket"] for image_id, out in outputs.items() if isinstance(out, dict)}
+    not_ready = [(image_id, out) for image_id, out in outputs.items() if not isinstance(out, dict)]
+    not_ready_counts = dict(Counter(category for _, (category, _) in not_ready))
+    atomic_write_json(status_path(layout), {"records": len(ready), "not_ready": not_ready_counts}, fsync=False)
     return DatasetReport(
         records=len(ready),
-        not_ready=dict(Counter(category for _, (category, _) in not_ready)),
+        not_ready=not_ready_counts,
         not_ready_examples=[(image_id, detail) for image_id, (_, detail) in not_ready[:MAX_EXAMPLES]],
         buckets=dict(Counter(ready.values())),
         path=layout.dataset_jsonl,
         backup=backup,
         seconds=time.monotonic() - started,
-        recipes=recipes,
+        recipes=hashes,
         bytes=os.path.getsize(layout.dataset_jsonl),
         files_read=files_read,
     )

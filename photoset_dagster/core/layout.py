@@ -5,14 +5,17 @@ Everything under the data root::
     raw/<id>                         downloaded bytes, no extension
     approved/<id>.<ext>  -> ../raw/<id>
     state/photo_list.json            last listing snapshot (ids, urls, digest, completeness)
+    state/failures/<stage>/<id>.json the last failure of an image at a stage, with its reason
     derived/facts/<id>.json          width/height after EXIF, bucket, raw sha256
     derived/captions/<id>.json       caption text + provenance
     derived/dinov3/<id>.npy (+ .json sidecar)
     derived/dinov3_patches/<id>.npy  (optional, written by the dinov3 pass)
     derived/vae_latents/<id>.npy (+ .json)
     derived/t5_hidden/<id>.npy (+ .json, holds the attention mask)
+    derived/thumbnails/<id>.webp     a small preview per image (the dataset report's pictures)
     derived/approved_image_dataset.jsonl
     shards/bucket_WxH/shard-NNNNNN.tar (+ index.json)
+    reports/dataset_report.html      the visual dataset report
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def is_valid_image_id(value: object) -> bool:
 NPY_KINDS = ("dinov3", "vae_latents", "t5_hidden")
 JSON_KINDS = ("facts", "captions")
 PATCHES_DIR = "dinov3_patches"
+THUMBNAILS_DIR = "thumbnails"
 DATASET_JSONL_NAME = "approved_image_dataset.jsonl"
 
 
@@ -90,6 +94,18 @@ class DataLayout:
     @property
     def shards_dir(self) -> Path:
         return self.root / "shards"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def failures_dir(self) -> Path:
+        return self.state_dir / "failures"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.derived_dir / THUMBNAILS_DIR
 
     def kind_dir(self, kind: str) -> Path:
         if kind not in NPY_KINDS and kind not in JSON_KINDS and kind != PATCHES_DIR:
@@ -134,6 +150,12 @@ class DataLayout:
         """facts/captions record, or the provenance sidecar of an npy artefact."""
         return self.kind_dir(kind) / f"{validate_image_id(image_id)}.json"
 
+    def thumbnail_path(self, image_id: str) -> Path:
+        return self.thumbnails_dir / f"{validate_image_id(image_id)}.webp"
+
+    def failure_path(self, stage: str, image_id: str) -> Path:
+        return self.failures_dir / stage / f"{validate_image_id(image_id)}.json"
+
     def npy_path(self, kind: str, image_id: str) -> Path:
         if kind not in NPY_KINDS and kind != PATCHES_DIR:
             raise ValueError(f"{kind!r} has no .npy artefact")
@@ -144,7 +166,7 @@ class DataLayout:
         paths = [self.json_path(kind, image_id) for kind in JSON_KINDS]
         for kind in NPY_KINDS:
             paths += [self.npy_path(kind, image_id), self.json_path(kind, image_id)]
-        paths.append(self.npy_path(PATCHES_DIR, image_id))
+        paths += [self.npy_path(PATCHES_DIR, image_id), self.thumbnail_path(image_id)]
         return paths
 
     def ensure_dirs(self) -> None:

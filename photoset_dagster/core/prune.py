@@ -19,6 +19,7 @@ from pathlib import Path
 from .artefacts import read_json
 from .buckets import BUCKET_NAMES
 from .layout import JSON_KINDS, NPY_KINDS, PATCHES_DIR, DataLayout, is_valid_image_id
+from .failures import forget_image
 from .links import scan_approved_links
 from .lock import data_lock
 from .records import iter_jsonl, record_image_id, write_jsonl_atomic
@@ -61,6 +62,7 @@ _OTHER_LABELS = {
     "sidecars": "Sidecars",
     "captions": "Captions",
     "facts": "Facts",
+    "thumbnails": "Thumbnails",
     "raw files": "Raw files",
 }
 
@@ -133,10 +135,8 @@ def _inventory(layout: DataLayout) -> _Inventory:
         raw_entries.add(entry.name)
         if entry.is_file(follow_symlinks=False):  # a link at raw/<id> (maybe out of the root) is no raw file
             raw_files.add(entry.name)
-    derived_names = {
-        layout.kind_dir(kind): {entry.name for entry in _entry_names(layout.kind_dir(kind))}
-        for kind in (*JSON_KINDS, *NPY_KINDS, PATCHES_DIR)
-    }
+    folders = [layout.kind_dir(kind) for kind in (*JSON_KINDS, *NPY_KINDS, PATCHES_DIR)] + [layout.thumbnails_dir]
+    derived_names = {folder: {entry.name for entry in _entry_names(folder)} for folder in folders}
     records: Counter[str] = Counter()
     buckets: dict[str, str] = {}
     if layout.dataset_jsonl.is_file():
@@ -286,6 +286,9 @@ def execute_prune(
                 counts[category] += 1
             elif why != "already gone":
                 report.not_removed[str(path)] = why
+        if not dry_run:  # what failed for an image that is gone is no longer news
+            for image_id in report.removed_ids:
+                forget_image(layout, image_id)
         report.files_removed = dict(counts)
         report.links_removed = counts["broken links"] + counts["approved links"]
     return report

@@ -28,7 +28,6 @@ from .artefacts import (
     Recipe,
     read_json,
     sha256_file,
-    staleness,
     write_json_artefact,
     write_npy_artefact,
 )
@@ -50,6 +49,7 @@ STAGE2_FIELDS = (
     "raw_sha256",
     "recipes",
     "t5_max_length",
+    "npy_sha256",
 )
 DEFAULT_DINOV3_DIM = 1024
 STAGE1_IMPORT = "stage1-import"
@@ -283,24 +283,19 @@ def _stage1_embedding(layout: DataLayout, record: Mapping[str, Any], image_id: s
 
 
 def _raw_inputs(layout: DataLayout, image_id: str) -> dict[str, str]:
-    """``{"raw_sha256": ...}`` of the raw file (reusing the facts' hash when size and mtime still match), or {}."""
-    raw = layout.raw_path(image_id)
-    try:
-        stat = raw.stat()
-    except FileNotFoundError:
-        return {}
-    facts = read_json(layout.json_path("facts", image_id)) or {}
-    known = (facts.get("inputs") or {}).get("raw_sha256")
-    if known and facts.get("raw_size") == stat.st_size and facts.get("raw_mtime_ns") == stat.st_mtime_ns:
-        return {"raw_sha256": known}
-    return {"raw_sha256": sha256_file(raw)}
+    """``{"raw_sha256": ...}`` of the raw file as it is now (the facts' hash when they still describe it), or {}."""
+    from .validity import raw_identity  # validity reads records' mask rule: imported here, not at the top
+
+    raw_sha256, _ = raw_identity(layout, image_id, read_json(layout.json_path("facts", image_id)))
+    return {"raw_sha256": raw_sha256} if raw_sha256 else {}
 
 
 def _is_current(layout: DataLayout, kind: str, image_id: str, recipe: Recipe, inputs: Mapping[str, str]) -> bool:
-    current = staleness(read_json(layout.json_path(kind, image_id)), recipe.hash, inputs) is None
-    if current and kind == "dinov3":
-        return layout.npy_path(kind, image_id).is_file()
-    return current
+    from .validity import judge_caption, judge_npy
+
+    if kind == "captions":
+        return judge_caption(layout, image_id, recipe, inputs).valid
+    return judge_npy(layout, kind, image_id, recipe, inputs).valid
 
 
 def _import_record(

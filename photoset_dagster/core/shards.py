@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .artefacts import read_json
+from .artefacts import Recipe, read_json, recipe_change
 from .atomic import atomic_open, atomic_write_json, remove_stale_temporaries
 from .buckets import parse_bucket
 from .layout import DataLayout, is_valid_image_id
@@ -48,6 +48,10 @@ class ShardError(RuntimeError):
     """The shards of a bucket cannot be written as asked (mixed recipes, refusing to overwrite, ...)."""
 
 
+class ShardRefused(ShardError):
+    """Writing would shrink a bucket's shards beyond the guard; nothing was changed."""
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     shard_size: int = 1000
@@ -60,6 +64,10 @@ class ShardOptions:
     # fsync each shard before its rename. Shards can be rebuilt, but a consumer reading after a power loss
     # could meet an empty one until then; False trades that for ~2x speed where the disk is the limit.
     fsync: bool = True
+    # Guard like prune's: refuse to shrink a bucket's shards by more than this share (say, after a
+    # recipe change left most records out of the dataset) unless forced.
+    max_shrink_fraction: float = 0.10
+    force: bool = False
 
 
 @dataclass
@@ -121,18 +129,27 @@ def read_dataset_records(layout: DataLayout) -> DatasetRecords:
 
 
 @dataclass(frozen=True)
+class _Source:
+    suffix: str  # tar member suffix, e.g. "vae.npy"
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str  # what the artefact's sidecar proves its bytes to be
+
+
+@dataclass(frozen=True)
 class _Sample:
     image_id: str
     json_bytes: bytes
-    sources: tuple[tuple[str, Path, int, int], ...]  # (member suffix, npy path, size, mtime_ns)
+    sources: tuple[_Source, ...]
 
     def fingerprint_part(self) -> list[Any]:
-        sources = [[suffix, size, mtime_ns] for suffix, _, size, mtime_ns in self.sources]
+        sources = [[source.suffix, source.size, source.mtime_ns, source.sha256] for source in self.sources]
         return [self.image_id, hashlib.sha256(self.json_bytes).hexdigest(), sources]
 
     @property
     def payload_bytes(self) -> int:
-        return len(self.json_bytes) + sum(size for _, _, size, _ in self.sources)
+        return len(self.json_bytes) + sum(source.size for source in self.sources)
 
 
 @dataclass(frozen=True)
@@ -148,8 +165,9 @@ def _sample_json(record: Mapping[str, Any]) -> bytes:
 
 
 def _sample(layout: DataLayout, record: Mapping[str, Any]) -> _Sample:
-    """The sample of a valid record; raises ValueError when one of its arrays is missing."""
+    """The sample of a valid record; raises ValueError when one of its arrays is missing or unproven."""
     image_id = record["image_id"]
+    proofs = record.get("npy_sha256") if isinstance(record.get("npy_sha256"), Mapping) else {}
     sources = []
     for suffix, kind in SAMPLE_ARRAYS:
         path = layout.npy_path(kind, image_id)
@@ -157,7 +175,10 @@ def _sample(layout: DataLayout, record: Mapping[str, Any]) -> _Sample:
             stat = path.stat()
         except FileNotFoundError:
             raise ValueError(f"{kind} npy missing") from None
-        sources.append((suffix, path, stat.st_size, stat.st_mtime_ns))
+        digest = proofs.get(kind)
+        if not isinstance(digest, str):
+            raise ValueError(f"the record has no proof of its {kind} array (rebuild the dataset JSONL)")
+        sources.append(_Source(suffix, path, stat.st_size, stat.st_mtime_ns, digest))
     return _Sample(image_id, _sample_json(record), tuple(sources))
 
 
@@ -233,8 +254,7 @@ def _existing_shards(directory: Path) -> list[str]:
         return []
 
 
-def _previous_entries(directory: Path) -> dict[str, dict[str, Any]]:
-    index = read_json(directory / INDEX_NAME) or {}
+def _previous_entries(index: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     entries = index.get("shardlist") if isinstance(index.get("shardlist"), list) else []
     return {entry["url"]: entry for entry in entries if isinstance(entry, dict) and "url" in entry}
 
@@ -249,6 +269,19 @@ def _is_unchanged(directory: Path, shard: _PlannedShard, previous: Mapping[str, 
 
 
 # --- writing -------------------------------------------------------------------------------------
+
+
+class _HashingReader:
+    """File-like source that hashes what ``tarfile`` copies out of it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self.digest.update(data)
+        return data
 
 
 class _HashingWriter:
@@ -287,12 +320,18 @@ def _write_shard(path: Path, samples: Sequence[_Sample], fsync: bool) -> tuple[i
         with tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT, copybufsize=_COPY_BUFFER) as tar:
             for sample in samples:
                 tar.addfile(_member(f"{sample.image_id}.json", len(sample.json_bytes)), io.BytesIO(sample.json_bytes))
-                for suffix, source, _, _ in sample.sources:
-                    with open(source, "rb", buffering=0) as array_file:
-                        # The size of the file actually opened: it may have been replaced since planning
-                        # (then the fingerprint differs next time and the shard is rewritten).
+                for source in sample.sources:
+                    with open(source.path, "rb", buffering=0) as array_file:
+                        # The size of the file actually opened: it may have been replaced since planning.
                         size = os.fstat(array_file.fileno()).st_size
-                        tar.addfile(_member(f"{sample.image_id}.{suffix}", size), array_file)
+                        reader = _HashingReader(array_file)
+                        tar.addfile(_member(f"{sample.image_id}.{source.suffix}", size), reader)
+                    if reader.digest.hexdigest() != source.sha256:
+                        # Nothing invalid reaches a shard: the temporary file is dropped, the old shard kept.
+                        raise ShardError(
+                            f"{sample.image_id}: its {source.suffix} is no longer the array its sidecar proves "
+                            "(changed since the dataset was built): run `photoset generate` and rebuild the dataset"
+                        )
     return sink.size, sink.digest.hexdigest()
 
 
@@ -321,8 +360,32 @@ def _write_shards(
     return entries
 
 
+def _check_shrink(
+    bucket: str, index: Mapping[str, Any], samples: int, recipes: Mapping[str, Recipe] | None, options: ShardOptions
+) -> None:
+    """Refuse to delete or shrink a bucket's shards beyond ``max_shrink_fraction``; names the recipe
+    settings that differ from the ones the shards were written with."""
+    entries = index.get("shardlist") if isinstance(index.get("shardlist"), list) else []
+    before = sum(entry.get("nsamples", 0) for entry in entries if isinstance(entry, dict))
+    if options.force or options.limit is not None or not before or samples >= before * (1 - options.max_shrink_fraction):
+        return
+    written_with = index.get("recipe_settings") if isinstance(index.get("recipe_settings"), Mapping) else {}
+    changes = [change for kind, recipe in (recipes or {}).items()
+               if isinstance(written_with.get(kind), Mapping)
+               and (change := recipe_change({"recipe": written_with[kind], "recipe_hash": None}, recipe))]
+    why = f" The recipe differs from the one the shards were written with: {'; '.join(changes)}." if changes else ""
+    raise ShardRefused(
+        f"bucket {bucket}: refusing to shrink its shards from {before} to {samples} samples.{why} Rebuild the "
+        "dataset with the artefacts in place (`photoset generate`, then `photoset migrate`), or pass force"
+    )
+
+
 def write_bucket_shards(
-    layout: DataLayout, bucket: str, records: Sequence[Mapping[str, Any]], options: ShardOptions = ShardOptions()
+    layout: DataLayout,
+    bucket: str,
+    records: Sequence[Mapping[str, Any]],
+    options: ShardOptions = ShardOptions(),
+    recipes: Mapping[str, Recipe] | None = None,
 ) -> BucketShardReport:
     """Write the shards of ``bucket`` from the dataset ``records`` (all of them; this filters to the bucket).
 
@@ -343,9 +406,11 @@ def write_bucket_shards(
     if options.buckets is not None and bucket not in options.buckets:
         return report
     with data_lock(layout.lock_path, exclusive=False):
-        samples, report.skipped, recipes = _bucket_samples(layout, bucket, records, options)
+        samples, report.skipped, record_recipes = _bucket_samples(layout, bucket, records, options)
         planned = _plan(samples, options.shard_size)
-        previous = _previous_entries(directory)
+        index = read_json(directory / INDEX_NAME) or {}
+        _check_shrink(bucket, index, len(samples), recipes, options)
+        previous = _previous_entries(index)
         to_write = [shard for shard in planned if not _is_unchanged(directory, shard, previous.get(shard.name))]
         existing = _existing_shards(directory)
         stale = [name for name in existing if name not in {shard.name for shard in planned}]
@@ -371,7 +436,8 @@ def write_bucket_shards(
         report.index_path = directory / INDEX_NAME
         atomic_write_json(
             report.index_path,
-            {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": directory.name, "recipes": recipes,
+            {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": directory.name, "recipes": record_recipes,
+             "recipe_settings": {kind: recipe.as_dict() for kind, recipe in (recipes or {}).items()},
              "shardlist": entries},
         )
         report.bytes = sum(entry["filesize"] for entry in entries)
