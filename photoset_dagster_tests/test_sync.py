@@ -10,7 +10,8 @@ from photoset_dagster.core.download import Downloader
 from photoset_dagster.core.http import RetryPolicy
 from photoset_dagster.core.layout import DataLayout
 from photoset_dagster.core.photolist import PhotoItem, PhotoListClient
-from photoset_dagster.core.sync import SyncOptions, SyncStats, sync_images
+from photoset_dagster.stages.base import Note
+from photoset_dagster.stages.sync import SyncOptions, SyncStats, run_sync_stage
 from photoset_dagster.demo.catalog import demo_id, load_demo
 from photoset_dagster.demo.server import Fault, PhotoServer
 from photoset_dagster_tests.fixtures_http import FAST_RETRY, image_bytes, tree_entries
@@ -25,8 +26,18 @@ def serve(server: PhotoServer, bodies: dict[str, bytes]) -> list[PhotoItem]:
 
 
 def run(items, layout, downloader, **options) -> tuple[SyncStats, list[str]]:
+    """The stage's counters, plus what its outcomes say: ``linked`` (id -> ext) and ``failures`` (id -> why)."""
     lines: list[str] = []
-    return sync_images(items, layout, downloader, SyncOptions(**options), log=lines.append), lines
+    stats = SyncStats()
+    stats.linked, stats.failures = {}, {}
+    for item in run_sync_stage(items, layout, downloader, SyncOptions(**options), stats=stats):
+        if isinstance(item, Note):
+            lines.append(item.message)
+        elif item.ok and item.record is not None:
+            stats.linked[item.image_id] = item.record["ext"]
+        elif not item.ok:
+            stats.failures[item.image_id] = item.reason
+    return stats, lines
 
 
 def file_requests(server: PhotoServer) -> list[str]:
@@ -248,7 +259,7 @@ def test_the_demo_list_syncs_every_good_photo_and_nothing_else_is_written(
 ):
     before = tree_entries(tmp_path)
 
-    listing = PhotoListClient(photo_server.photos_url, http_client, FAST_RETRY, sleep=sleeps).fetch_listing()
+    listing = PhotoListClient(photo_server.photos_url, http_client, FAST_RETRY, sleep=sleeps, allow_http=True).fetch_listing()
     stats, _ = run(listing.items, layout, downloader)
 
     assert listing.complete and len(listing.invalid) == 8

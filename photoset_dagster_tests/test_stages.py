@@ -1,4 +1,5 @@
-"""The per-image passes on a real data layout, with tiny real models loaded by path."""
+"""The per-image stages on a real data layout, with tiny real models loaded by path, driven through the
+stage runner (the same code the Dagster assets run)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import base64
 import io
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ from photoset_dagster.core.links import ensure_approved_link
 from photoset_dagster.models.captioner import CaptionSettings
 from photoset_dagster.models.common import LOAD_COUNTS
 from photoset_dagster.models.flux_vae import FluxVaeEncoder
-from photoset_dagster.passes import (
-    run_caption_pass,
-    run_dinov3_pass,
-    run_facts_pass,
-    run_t5_pass,
-    run_vae_pass,
-)
+from photoset_dagster.stages.base import ModelStage, Outcome
+from photoset_dagster.stages.captions import CaptionsStage
+from photoset_dagster.stages.dinov3 import Dinov3Stage
+from photoset_dagster.stages.facts import run_facts_stage
+from photoset_dagster.stages.runner import run_model_stage
+from photoset_dagster.stages.t5 import T5Stage
+from photoset_dagster.stages.vae import VaeStage
 from photoset_dagster_tests.fixtures_models import CaptionServer, Reply, TinySettings
 
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "WEBP": "webp"}
@@ -65,7 +66,43 @@ class CachingProvider:
 
 
 def fail_if_loaded() -> Any:
-    raise AssertionError("an all-current pass must not load its model")
+    raise AssertionError("an all-current stage must not load its model")
+
+
+@dataclass
+class Result:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # current: nothing to do
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.status == "done":
+            self.done.append(outcome.image_id)
+        elif outcome.status == "current":
+            self.skipped.append(outcome.image_id)
+        else:
+            self.failed[outcome.image_id] = outcome.reason
+
+
+def collect(outcomes) -> Result:
+    result = Result()
+    for outcome in outcomes:
+        result.add(outcome)
+    return result
+
+
+def run_facts_pass(layout: DataLayout, ids: list[str], force: bool = False) -> Result:
+    return collect(run_facts_stage(layout, ids, force=force))
+
+
+def run_stage(layout: DataLayout, stage: ModelStage[Any], ids: list[str], provider: Callable[[], Any],
+              **kwargs: Any) -> Result:
+    """Facts first (as the pipeline does), then the model stage over the images whose facts are current."""
+    facts = {o.image_id: o.record for o in run_facts_stage(layout, ids) if o.ok}
+    failed = {image_id: "not in the approved view (sync it first)" for image_id in ids if image_id not in facts}
+    result = collect(run_model_stage(stage, facts, provider, **kwargs))
+    result.failed = {**failed, **result.failed}
+    return result
 
 
 # --- facts ----------------------------------------------------------------------------------------
@@ -80,23 +117,19 @@ def test_facts_pass_records_reuses_and_reports_failures(layout: DataLayout) -> N
     layout.raw_path("broken").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     add_photo(layout, "unlisted", (32, 32))
     (layout.approved_dir / "unlisted.png").unlink()
-    failures: dict[str, str] = {}
+    result = run_facts_pass(layout, ["wide", "tall", "gone", "broken", "unlisted", "wide"])
 
-    result = run_facts_pass(
-        layout, ["wide", "tall", "gone", "broken", "unlisted", "wide"], on_failed=failures.__setitem__
-    )
-
-    assert result.kind == "facts" and result.done == ["wide", "tall"] and result.skipped == []
-    assert failures == result.failed
+    assert result.done == ["wide", "tall"] and result.skipped == []
+    failures = result.failed
     assert failures["gone"].startswith("raw file missing")
     assert "cannot decode" in failures["broken"]
-    assert failures["unlisted"] == "not in the approved view"
+    assert failures["unlisted"] == "not in the approved view (sync it first)"
     record = read_json(layout.json_path("facts", "wide"))
     assert record is not None
     stat = raw.stat()
     expected = {"ext": "jpg", "width": 96, "height": 48, "aspect_bucket": "1344x704", "format": "JPEG", "mode": "RGB"}
     assert {key: record[key] for key in expected} == expected and record["frames"] == 1
-    assert (record["raw_size"], record["raw_mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
+    assert (record["raw_size"], record["raw_mtime_ns"], record["raw_inode"]) == (stat.st_size, stat.st_mtime_ns, stat.st_ino)
     assert record["inputs"] == {"raw_sha256": sha256_file(raw)}
 
     again = run_facts_pass(layout, ["wide", "tall"])
@@ -120,15 +153,15 @@ def test_every_artefact_in_two_real_buckets(layout: DataLayout, tiny_settings: T
     ids = ["square", "portrait"]
     buckets = {"square": (1024, 1024), "portrait": (832, 1216)}
 
-    captions = run_caption_pass(layout, ids, tiny_settings.caption, tiny_settings.caption.load)
+    captions = run_stage(layout, CaptionsStage(layout, tiny_settings.caption), ids, tiny_settings.caption.load)
     assert sorted(captions.done) == sorted(ids), captions.failed
     dinov3_settings = replace(tiny_settings.dinov3, patch_tokens=True)
     dinov3_encoder = dinov3_settings.load()
-    assert sorted(run_dinov3_pass(layout, ids, dinov3_settings, lambda: dinov3_encoder).done) == sorted(ids)
+    assert sorted(run_stage(layout, Dinov3Stage(layout, dinov3_settings), ids, lambda: dinov3_encoder).done) == sorted(ids)
     vae_settings = replace(tiny_settings.vae, input_mode="bucket")
-    assert sorted(run_vae_pass(layout, ids, vae_settings, vae_settings.load).done) == sorted(ids)
+    assert sorted(run_stage(layout, VaeStage(layout, vae_settings), ids, vae_settings.load).done) == sorted(ids)
     t5_encoder = tiny_settings.t5.load()
-    assert sorted(run_t5_pass(layout, ids, tiny_settings.t5, lambda: t5_encoder).done) == sorted(ids)
+    assert sorted(run_stage(layout, T5Stage(layout, tiny_settings.t5), ids, lambda: t5_encoder).done) == sorted(ids)
 
     for image_id, (width, height) in buckets.items():
         facts = read_json(layout.json_path("facts", image_id))
@@ -164,7 +197,7 @@ def test_every_artefact_in_two_real_buckets(layout: DataLayout, tiny_settings: T
     # (test_models checks the patch slice against the model's own hidden states.)
     portrait = decode_image(layout.raw_path("portrait"))
     with torch.inference_mode():
-        whole = dinov3_encoder.model(**dinov3_encoder.processor(images=[portrait], return_tensors="pt"))
+        whole = dinov3_encoder.model(pixel_values=dinov3_encoder.pixel_values([portrait]))
     stored_cls = np.load(layout.npy_path("dinov3", "portrait"))
     np.testing.assert_allclose(stored_cls, whole.pooler_output[0].numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(stored_cls, dinov3_encoder.embed_cls([cover_crop(portrait, (832, 1216))])[0], atol=1e-3)
@@ -196,16 +229,16 @@ def test_one_load_per_pass_and_none_when_current(layout: DataLayout, tiny_settin
     loads_before = LOAD_COUNTS["flux_vae"]
     provider = CachingProvider(load_recording_batches)
 
-    result = run_vae_pass(layout, ids, settings, provider)
+    result = run_stage(layout, VaeStage(layout, settings), ids, provider)
 
-    assert sorted(result.done) == sorted(ids) and result.failed == {} and result.images_per_s > 0
+    assert sorted(result.done) == sorted(ids) and result.failed == {}
     assert provider.calls == 1 and LOAD_COUNTS["flux_vae"] == loads_before + 1
     # Batches hold one input size each ("original" mode: the image's own size) and at most batch_size.
     assert batch_sizes == [(2, (64, 48)), (2, (64, 48)), (2, (48, 64)), (1, (32, 32))]
     for image_id, (width, height) in zip(ids, sizes):
         assert np.load(layout.npy_path("vae_latents", image_id)).shape == (16, height // 8, width // 8)
 
-    rerun = run_vae_pass(layout, ids, settings, fail_if_loaded)
+    rerun = run_stage(layout, VaeStage(layout, settings), ids, fail_if_loaded)
     assert rerun.skipped == ids and rerun.done == []
     assert LOAD_COUNTS["flux_vae"] == loads_before + 1
 
@@ -222,15 +255,13 @@ def test_per_image_failures_do_not_stop_the_pass(layout: DataLayout, tiny_settin
     content = raw.read_bytes()
     raw.write_bytes(content[:40] + b"\x00" * (len(content) - 40))
     os.utime(raw, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    failed: dict[str, str] = {}
 
-    result = run_dinov3_pass(
-        layout, ids, tiny_settings.dinov3, tiny_settings.dinov3.load, on_failed=failed.__setitem__
-    )
+    result = run_stage(layout, Dinov3Stage(layout, tiny_settings.dinov3), ids, tiny_settings.dinov3.load)
 
+    failed = result.failed
     assert sorted(result.done) == ["also-good", "good"]
-    assert set(failed) == {"corrupt", "never-synced"} and failed == result.failed
-    assert "cannot decode" in failed["corrupt"] and failed["never-synced"] == "not in the approved view"
+    assert set(failed) == {"corrupt", "never-synced"}
+    assert "cannot decode" in failed["corrupt"] and failed["never-synced"] == "not in the approved view (sync it first)"
     assert not layout.npy_path("dinov3", "corrupt").exists()
     assert not layout.npy_path(PATCHES_DIR, "good").exists()  # patch tokens are off by default
 
@@ -248,14 +279,14 @@ def test_killed_pass_resumes_without_corrupt_files(
         pass
 
     committed: list[str] = []
-
-    def die_after_three(image_id: str, record: dict[str, Any]) -> None:
-        committed.append(image_id)
-        if len(committed) == 3:
-            raise Killed
+    stage = VaeStage(layout, settings)
+    facts = {o.image_id: o.record for o in run_facts_stage(layout, ids)}
 
     with pytest.raises(Killed):
-        run_vae_pass(layout, ids, settings, lambda: encoder, on_done=die_after_three)
+        for outcome in run_model_stage(stage, facts, lambda: encoder):
+            committed.append(outcome.image_id)
+            if len(committed) == 3:
+                raise Killed
     finished = [image_id for image_id in ids if layout.json_path("vae_latents", image_id).exists()]
     assert finished == committed and temporaries(layout) == []
 
@@ -268,12 +299,12 @@ def test_killed_pass_resumes_without_corrupt_files(
         real_write_json(path, obj, fsync)
 
     monkeypatch.setattr(artefacts, "atomic_write_json", crash_on_photo4_sidecar)
-    partial = run_vae_pass(layout, ids, settings, lambda: encoder)
+    partial = run_stage(layout, stage, ids, lambda: encoder)
     assert partial.skipped == committed and partial.failed == {"photo4": "OSError: disk vanished"}
     assert layout.npy_path("vae_latents", "photo4").exists() and not layout.json_path("vae_latents", "photo4").exists()
 
     monkeypatch.setattr(artefacts, "atomic_write_json", real_write_json)
-    resumed = run_vae_pass(layout, ids, settings, lambda: encoder)
+    resumed = run_stage(layout, stage, ids, lambda: encoder)
     assert resumed.done == ["photo4"] and resumed.failed == {}
     for image_id in ids:
         assert np.load(layout.npy_path("vae_latents", image_id)).shape == (16, 4, 4)
@@ -300,23 +331,23 @@ def test_caption_and_t5_staleness(
     caption_server.default = _caption_by_width
     captions = CaptionSettings(backend="ollama", ollama_host=caption_server.url, retry_backoff_s=0.01)
 
-    first = run_caption_pass(layout, ids, captions, captions.load, input_mode="original")
-    assert first.done == ["a", "b"] and first.failed == {"c": "CaptionError: empty caption"}
+    first = run_stage(layout, CaptionsStage(layout, captions, "original"), ids, captions.load)
+    assert sorted(first.done) == ["a", "b"] and first.failed == {"c": "CaptionError: empty caption"}
     assert not layout.json_path("captions", "c").exists()  # an empty caption is never stored
     record = read_json(layout.json_path("captions", "a"))
     assert record is not None and record["caption"] == "A photo 64 pixels wide." and record["backend"] == "ollama"
-    assert run_caption_pass(layout, ids[:2], captions, fail_if_loaded, input_mode="original").skipped == ["a", "b"]
+    assert run_stage(layout, CaptionsStage(layout, captions, "original"), ids[:2], fail_if_loaded).skipped == ["a", "b"]
 
     t5 = tiny_settings.t5
     encoder = t5.load()
-    encoded = run_t5_pass(layout, ids, t5, lambda: encoder)
-    assert encoded.done == ["a", "b"] and encoded.failed == {"c": "no caption yet"}
-    assert run_t5_pass(layout, ["a", "b"], t5, fail_if_loaded).skipped == ["a", "b"]
+    encoded = run_stage(layout, T5Stage(layout, t5), ids, lambda: encoder)
+    assert encoded.done == ["a", "b"] and encoded.failed == {"c": "no caption yet (run the captions stage first)"}
+    assert run_stage(layout, T5Stage(layout, t5), ["a", "b"], fail_if_loaded).skipped == ["a", "b"]
 
     # A recipe change (max_length) makes every hidden state stale.
     short = replace(t5, max_length=32)
     short_encoder = short.load()
-    redone = run_t5_pass(layout, ["a", "b"], short, lambda: short_encoder)
+    redone = run_stage(layout, T5Stage(layout, short), ["a", "b"], lambda: short_encoder)
     assert redone.done == ["a", "b"]
     assert np.load(layout.npy_path("t5_hidden", "a")).shape == (32, 1024)
     assert len(read_json(layout.json_path("t5_hidden", "a"))["attention_mask"]) == 32  # type: ignore[index]
@@ -328,8 +359,8 @@ def test_caption_and_t5_staleness(
         else _caption_by_width(request)
     )
     reworded = replace(captions, prompt="Describe the photo.")
-    assert run_caption_pass(layout, ["a", "b"], reworded, reworded.load, input_mode="original").done == ["a", "b"]
-    after = run_t5_pass(layout, ["a", "b"], short, lambda: short_encoder)
+    assert sorted(run_stage(layout, CaptionsStage(layout, reworded, "original"), ["a", "b"], reworded.load).done) == ["a", "b"]
+    after = run_stage(layout, T5Stage(layout, short), ["a", "b"], lambda: short_encoder)
     assert after.done == ["a"] and after.skipped == ["b"]
     t5_record = read_json(layout.json_path("t5_hidden", "a"))
     assert t5_record is not None and t5_record["inputs"] == {"caption_sha256": text_hash("A photo of a square.")}
@@ -344,6 +375,6 @@ def test_caption_for_an_older_raw_file_is_not_encoded(layout: DataLayout, tiny_s
         layout, "captions", "a", body={"caption": "A photo.", "backend": "ollama"}, recipe=None,
         inputs={"raw_sha256": "0" * 64},
     )  # fmt: skip
-    result = run_t5_pass(layout, ["a"], tiny_settings.t5, fail_if_loaded)
-    assert "older file" in result.failed["a"]
+    result = run_stage(layout, T5Stage(layout, tiny_settings.t5), ["a"], fail_if_loaded)
+    assert "older raw file" in result.failed["a"]
 
