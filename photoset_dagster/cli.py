@@ -1,7 +1,13 @@
-"""`photoset`: the seed's commands (sync, generate, shards, prune, verify, migrate) plus demo and dev.
+"""`photoset`: the seed's commands (sync, generate, shards, prune, verify, migrate) plus report, config,
+demo and dev.
 
 Every command runs through the same Dagster definitions and the project's instance, so its runs
-appear in the web UI. User mistakes end with one line on stderr and a non-zero exit.
+appear in the web UI, and reads the same settings as every other process (``photoset config``).
+User mistakes end with one line on stderr. Exit codes, the same for every command:
+
+    0  everything done            3  completed, but some images failed (each with its reason)
+    1  the run failed             4  refused by a safety guard (prune fraction, a dataset or shards
+    2  usage or configuration        that would shrink); nothing was deleted
 """
 
 from __future__ import annotations
@@ -15,8 +21,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
 PASS_CHOICES = ("captions", "dinov3", "vae", "t5", "facts", "all")
+VERIFY_KINDS = {
+    "all": ["facts", "captions", "dinov3", "vae_latents", "t5_hidden"],
+    "facts": ["facts"],
+    "captions": ["captions"],
+    "dinov3": ["dinov3"],
+    "vae": ["vae_latents"],
+    "t5": ["t5_hidden"],
+}
 
 
 class CliError(Exception):
@@ -56,23 +70,42 @@ def _fraction(value: str) -> float:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="photoset", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", help="data folder (default: ./data, or PHOTOSET_DATA_ROOT)")
-    parser.add_argument("--photos-url", help="photos.json URL (default: PHOTOSET_PHOTOS_URL or the real API)")
-    parser.add_argument("--allow-http", action="store_true", help="accept http:// download URLs (loopback/demo)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="also print Dagster's engine events")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes, before or after its name (``photoset sync --data-root x``)."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--data-root", default=default, help="data folder (setting photoset.data_root)")
+    parser.add_argument("--photos-url", default=default, help="photos.json URL (setting photoset.photos_url)")
+    parser.add_argument("--allow-http", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="accept http:// list and download URLs (loopback, the demo)")
+    parser.add_argument("--profile", default=default, help="settings profile of photoset.toml to use")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="also print Dagster's engine events and third-party warnings; tracebacks")
 
-    demo = commands.add_parser("demo", help="offline demo: local photo server + tiny models, whole pipeline")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="photoset", description=__doc__.splitlines()[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="exit codes: 0 done, 1 run failed, 2 usage or configuration, 3 some images failed, "
+                            "4 refused by a safety guard")
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _global_options(sub, suppress=True)
+        return sub
+
+    demo = command("demo", "offline demo: local photo server + tiny models, whole pipeline, then a report")
+    demo.add_argument("action", nargs="?", choices=("run", "serve"), default="run",
+                      help="run (default): the whole pipeline; serve: restart the demo's photo server only")
     demo.add_argument("--photos", type=_positive, default=None, help="use only the first N demo photos")
 
-    dev = commands.add_parser("dev", help="start the Dagster web UI and daemon on the project's instance")
+    dev = command("dev", "start the Dagster web UI and daemon on the project's instance")
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--port", type=_positive, default=3000)
-    dev.add_argument("--demo", action="store_true", help="use the tiny models the last `photoset demo` built")
+    dev.add_argument("--demo", action="store_true", help="same as --profile demo")
 
-    sync = commands.add_parser("sync", help="fetch the photo list, download missing raws, link approved/")
+    sync = command("sync", "fetch the photo list, download missing raws, link approved/")
     sync.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     sync.add_argument("--limit", type=_positive, help="process at most N photos")
     sync.add_argument("--start-page", type=_positive, default=1)
@@ -80,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--stop-after-links", type=_positive, help="stop after N links created or updated")
     sync.add_argument("--progress-every", type=_positive, default=1000, help="0 disables progress lines")
     sync.add_argument("--prune", action="store_true", help="then prune images gone from a complete list")
+    sync.add_argument("--force", action="store_true", help="with --prune: allow deleting more than --max-fraction")
+    sync.add_argument("--max-fraction", type=_fraction, help="with --prune: largest share one prune may delete")
 
-    generate = commands.add_parser("generate", help="compute captions, DINOv3, VAE latents and T5 states")
+    generate = command("generate", "compute captions, DINOv3, VAE latents and T5 states")
     generate.add_argument("--pass", dest="pass_name", choices=PASS_CHOICES, default="all")
     generate.add_argument("--limit", type=_positive, help="at most N images")
     generate.add_argument("--image-id", action="append", default=[], help="only this image (repeatable)")
@@ -89,69 +124,77 @@ def build_parser() -> argparse.ArgumentParser:
                           help="recompute even current artefacts (replaced atomically; nothing deleted first)")
     generate.add_argument("--progress-every", type=_positive, default=1000)
 
-    shards = commands.add_parser("shards", help="write WebDataset shards per aspect bucket")
+    shards = command("shards", "write WebDataset shards per aspect bucket")
     shards.add_argument("--shard-size", type=_positive, default=1000)
     shards.add_argument("--bucket", action="append", default=[], help="only this bucket, e.g. 832x1216")
     shards.add_argument("--shuffle", action="store_true")
     shards.add_argument("--seed", type=int, default=1337)
     shards.add_argument("--limit", type=_positive)
     shards.add_argument("--dry-run", action="store_true")
+    shards.add_argument("--force", action="store_true", help="allow shrinking a bucket's shards beyond the guard")
     shards.add_argument("--overwrite", action="store_true", help="accepted for the seed's sake: shards are always replaced atomically")
 
-    prune = commands.add_parser("prune", help="remove data of images no longer on the list")
+    prune = command("prune", "remove data of images no longer on the list")
     prune.add_argument("--dry-run", action="store_true", help="list everything that would be deleted")
     prune.add_argument("--force", action="store_true", help="allow deleting more than --max-fraction")
     prune.add_argument("--max-fraction", type=_fraction, help="largest share of the dataset one prune may delete")
 
-    verify = commands.add_parser("verify", help="check every artefact (the seed's --verify); exit 1 if any is bad")
+    verify = command("verify", "judge every artefact (the seed's --verify); exit 1 if any is bad or not done")
     verify.add_argument("--pass", dest="pass_name", choices=PASS_CHOICES, default="all")
+    verify.add_argument("--strict", action="store_true", help="also fail on images that cannot be processed")
+    verify.add_argument("--deep", action="store_true", help="hash every array, not only those that moved")
 
-    migrate = commands.add_parser("migrate", help="migrate a Stage-1 JSONL and rebuild the Stage-2 dataset")
+    migrate = command("migrate", "migrate a Stage-1 JSONL and rebuild the Stage-2 dataset")
     migrate.add_argument("--dry-run", action="store_true")
+    migrate.add_argument("--force", action="store_true", help="rebuild even if a recipe change would drop records")
+
+    command("report", "write the visual dataset report (thumbnails, plots, failures, near-duplicates)")
+
+    config = command("config", "print every effective setting and where it comes from")
+    config.add_argument("--use", metavar="PROFILE", help="make PROFILE the active profile of photoset.toml")
     return parser
 
 
 def _apply_global_options(args: argparse.Namespace) -> None:
-    # One planned event per run instead of one per partition (seconds saved per 1,000 images; the
-    # trade-off, documented in the README: a crashed run does not mark its unfinished partitions failed).
-    os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
-    if args.data_root:
+    """Command-line options outrank the settings file and the environment (they become the environment)."""
+    if getattr(args, "data_root", None):
         os.environ["PHOTOSET_DATA_ROOT"] = args.data_root
-    if args.photos_url:
+    if getattr(args, "photos_url", None):
         os.environ["PHOTOSET_PHOTOS_URL"] = args.photos_url
-    if args.allow_http:
+    if getattr(args, "allow_http", False):
         os.environ["PHOTOSET_ALLOW_HTTP"] = "1"
+    if getattr(args, "profile", None) or getattr(args, "demo", False):
+        os.environ["PHOTOSET_PROFILE"] = args.profile or "demo"
+
+
+def _quiet_third_parties() -> None:
+    """The terminal is for the pipeline's own lines: deprecations, beta notices and progress bars of
+    the libraries underneath show with -v only."""
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _settings():
+    from .defs.settings import ConfigError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as error:
+        raise CliError(str(error)) from None
 
 
 def _definitions():
-    from .defs.resources import ConfigError
+    from .defs.settings import ConfigError
 
     try:
         from .definitions import build_definitions
 
-        return build_definitions()
+        return build_definitions(settings=_settings())
     except ConfigError as error:
-        raise CliError(_config_message(error)) from None
-
-
-def _config_message(error: Exception) -> str:
-    """A bad ``PHOTOSET_*`` value as one line naming the variable (pydantic's report spans several lines)."""
-    from .defs.resources import ENV_SETTINGS, RESOURCE_CLASSES
-
-    cause = error.__cause__
-    details = getattr(cause, "errors", None)
-    if not callable(details):
-        return _one_line(error)
-    resource = {cls.__name__: key for key, cls in RESOURCE_CLASSES.items()}.get(getattr(cause, "title", ""))
-    parts = []
-    for detail in details():
-        field = ".".join(str(part) for part in detail.get("loc", ()))
-        names = [env for env, (key, name) in ENV_SETTINGS.items() if name == field and key in (resource, "*")]
-        if names:
-            parts.append(f"{names[0]}={os.environ.get(names[0], detail.get('input'))!r}: {detail.get('msg')}")
-        else:
-            parts.append(f"{resource or 'resource'}.{field}: {detail.get('msg')}")
-    return "invalid configuration: " + _one_line("; ".join(parts))
+        raise CliError(str(error)) from None
 
 
 def _instance():
@@ -166,6 +209,18 @@ def _instance():
     return dg.DagsterInstance.get()
 
 
+def _data_root() -> str:
+    return str(_settings().values["photoset.data_root"])
+
+
+def _require_data_root(what: str) -> None:
+    """Commands that only read refuse a data root that does not exist (a typo would look empty)."""
+    root = _data_root()
+    if not os.path.isdir(root):
+        raise CliError(f"data root {os.path.abspath(root)} does not exist ({what} only reads; check --data-root "
+                       "or photoset.data_root)")
+
+
 def _user_error(error):
     """The error the pipeline raised, not Dagster's wrapper around it ("Error occurred while executing op")."""
     while error.cause is not None and error.cls_name and error.cls_name.startswith("Dagster"):
@@ -173,18 +228,19 @@ def _user_error(error):
     return error
 
 
-def _failure_lines(result) -> list[str]:
-    lines = []
+def _failures(result) -> list[tuple[str, dict[str, Any]]]:
+    """(message, metadata) of each failed step."""
+    found = []
     for event in result.all_events:
         if not event.is_step_failure:
             continue
         data = event.step_failure_data
         user = getattr(data, "user_failure_data", None)
         if user is not None and user.description:
-            lines.append(user.description)
+            found.append((user.description, {k: v.value for k, v in (user.metadata or {}).items()}))
         elif data.error is not None:
-            lines.append(_user_error(data.error).message)
-    return lines or ["the run failed (see the run in the web UI)"]
+            found.append((_user_error(data.error).message, {}))
+    return found or [("the run failed (see the run in the web UI)", {})]
 
 
 def _logger_config(verbose: bool) -> dict[str, Any]:
@@ -192,55 +248,51 @@ def _logger_config(verbose: bool) -> dict[str, Any]:
     return {"loggers": {"plain": {"config": {"verbose": verbose, "log_level": "DEBUG" if verbose else "INFO"}}}}
 
 
-def _report(result, problems: Callable[[Any], list[str]] | None = None) -> int:
-    """Exit code of a finished run; a failed run (or a successful one with ``problems``) prints one line each."""
+def _exit_code(result, problems: Callable[[Any], list[str]] | None = None, *, quiet_partial: bool = False) -> int:
+    """Exit code of a finished run; prints one ``error:`` line per problem (not for failed images when
+    ``quiet_partial``: the caller reports them)."""
     if result.success:
-        lines = problems(result) if problems else []
+        lines, code = (problems(result) if problems else []), EXIT_FAILED
     else:
-        lines = _failure_lines(result)
-    for line in lines:
-        print(f"error: {_one_line(line)}", file=sys.stderr)
-    return EXIT_FAILED if lines else EXIT_OK
+        failures = _failures(result)
+        lines = [message for message, _ in failures]
+        metadata = {key: value for _, meta in failures for key, value in meta.items()}
+        code = EXIT_REFUSED if metadata.get("refused") else EXIT_PARTIAL if metadata.get("failed_images") else EXIT_FAILED
+        if metadata.get("photo_list_error"):
+            lines.insert(0, _listing_line(metadata))
+            code = EXIT_FAILED
+    if not (quiet_partial and code == EXIT_PARTIAL):
+        for line in lines:
+            print(f"error: {_one_line(line)}", file=sys.stderr)
+    return code if lines else EXIT_OK
 
 
-def run_job(
-    job_name: str,
-    op_name: str,
-    config: dict[str, Any],
-    verbose: bool,
-    *,
-    problems: Callable[[Any], list[str]] | None = None,
-) -> int:
+def run_job(job_name: str, op_name: str, config: dict[str, Any], verbose: bool, *,
+            problems: Callable[[Any], list[str]] | None = None, quiet_partial: bool = False) -> int:
     defs = _definitions()
     instance = _instance()
     job = defs.resolve_job_def(job_name)
     run_config = {"ops": {op_name: {"config": config}}, **_logger_config(verbose)}
     result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-    return _report(result, problems)
+    return _exit_code(result, problems, quiet_partial=quiet_partial)
+
+
+def _listing_line(metadata: dict[str, Any]) -> str:
+    error, listed = metadata["photo_list_error"], metadata.get("photo_list_photos", 0)
+    if listed:
+        return f"the photo list is incomplete: {error} (synced only the {listed} photos listed before it)"
+    return f"could not fetch the photo list: {error}"
 
 
 def _listing_problems(result) -> list[str]:
-    """A catch-up run that refreshed the list succeeds on a partial list; the command still has to say so
-    (the catch-up output's ``photo_list_error`` / ``photo_list_photos`` metadata)."""
+    """A catch-up that refreshed the list succeeds on a partial list; the command still says so."""
     lines = []
     for event in result.all_node_events:
         output = event.step_output_data if event.is_successful_output else None
-        metadata = output.metadata if output is not None else {}
-        if "photo_list_error" not in metadata:
-            continue
-        error, listed = metadata["photo_list_error"].value, metadata["photo_list_photos"].value
-        if listed:
-            lines.append(f"the photo list is incomplete: {error} (synced only the {listed} photos listed before it)")
-        else:
-            lines.append(f"could not fetch the photo list: {error}")
+        metadata = {k: v.value for k, v in (output.metadata if output is not None else {}).items()}
+        if "photo_list_error" in metadata:
+            lines.append(_listing_line(metadata))
     return lines
-
-
-def _failed_image_problems(result) -> list[str]:
-    failed = result.output_for_node("catch_up")
-    if not failed:
-        return []
-    return [f"{failed} image(s) failed (reasons above); the next run retries them"]
 
 
 def materialize(asset_names: Sequence[str], verbose: bool, *, tags=None, asset_config=None) -> int:
@@ -256,12 +308,16 @@ def materialize(asset_names: Sequence[str], verbose: bool, *, tags=None, asset_c
     result = job.execute_in_process(
         run_config=run_config, instance=instance, asset_selection=keys, tags=tags or {}, raise_on_error=False
     )
-    return _report(result)
+    return _exit_code(result)
 
 
 def cmd_sync(args) -> int:
     if args.prune and (args.limit or args.end_page or args.start_page != 1 or args.dry_run):
         raise CliError("--prune needs a full scan: drop --limit, --end-page, --start-page and --dry-run")
+    if (args.force or args.max_fraction is not None) and not args.prune:
+        raise CliError("--force and --max-fraction only apply with --prune")
+    if args.dry_run:
+        _require_data_root("sync --dry-run")
     config = {
         "refresh_list": True,
         "passes": ["sync"],
@@ -272,11 +328,13 @@ def cmd_sync(args) -> int:
         "stop_after_links": args.stop_after_links,
         "progress_every": args.progress_every,
     }
-    # Per-image download failures are reported in the summary and skipped (as the seed did); a photo list
-    # that could not be fetched is a failed command.
     code = run_job("catch_up_job", "catch_up", config, args.verbose, problems=_listing_problems)
-    if code == EXIT_OK and args.prune:
-        code = run_job("prune_job", "prune", {"refresh_list": False}, args.verbose)
+    if code in (EXIT_OK, EXIT_PARTIAL) and args.prune:
+        pruned = run_job("prune_job", "prune", {"refresh_list": False, "force": args.force,
+                                                 "max_fraction": args.max_fraction}, args.verbose)
+        if pruned == EXIT_REFUSED:
+            print("error: the sync completed; the prune after it was refused (nothing deleted)", file=sys.stderr)
+        code = max(code, pruned) if pruned != EXIT_OK else code
     return code
 
 
@@ -288,8 +346,7 @@ def cmd_generate(args) -> int:
         "force": args.force,
         "progress_every": args.progress_every,
     }
-    # Images that fail are skipped so the rest get done, but the command then exits 1.
-    return run_job("catch_up_job", "catch_up", config, args.verbose, problems=_failed_image_problems)
+    return run_job("catch_up_job", "catch_up", config, args.verbose)
 
 
 def cmd_shards(args) -> int:
@@ -300,22 +357,19 @@ def cmd_shards(args) -> int:
 
     for bucket in args.bucket:
         try:
-            parse_bucket(bucket)
+            parse_bucket(bucket.removeprefix("bucket_"))
         except ValueError as error:
             raise CliError(str(error)) from None
     buckets = [b for b in BUCKET_NAMES if not args.bucket or b in {x.removeprefix("bucket_") for x in args.bucket}]
     if args.shard_size < 1:
         raise CliError("--shard-size must be at least 1")
+    if args.dry_run:
+        _require_data_root("shards --dry-run")
     dataset = DataLayout(_data_root()).dataset_jsonl
     if not dataset.is_file():
         raise CliError(f"{dataset} not found: build the dataset first (`photoset generate`, then `photoset migrate`)")
-    config = {
-        "shard_size": args.shard_size,
-        "shuffle": args.shuffle,
-        "seed": args.seed,
-        "limit": args.limit,
-        "dry_run": args.dry_run,
-    }
+    config = {"shard_size": args.shard_size, "shuffle": args.shuffle, "seed": args.seed, "limit": args.limit,
+              "dry_run": args.dry_run, "force": args.force}
     code = EXIT_OK
     # One run per contiguous block of the selected buckets (all 7 by default -> one run).
     for block in _contiguous_blocks(buckets, list(BUCKET_NAMES)):
@@ -338,57 +392,71 @@ def _contiguous_blocks(selected: list[str], order: list[str]) -> list[list[str]]
     return blocks
 
 
-def _data_root() -> str:
-    return os.environ.get("PHOTOSET_DATA_ROOT", "data")
-
-
 def cmd_prune(args) -> int:
+    if args.dry_run:
+        _require_data_root("prune --dry-run")
     config = {"dry_run": args.dry_run, "force": args.force, "max_fraction": args.max_fraction}
     return run_job("prune_job", "prune", config, args.verbose)
 
 
 def cmd_verify(args) -> int:
-    kinds = {
-        "all": ["facts", "captions", "dinov3", "vae_latents", "t5_hidden"],
-        "facts": ["facts"],
-        "captions": ["captions"],
-        "dinov3": ["dinov3"],
-        "vae": ["vae_latents"],
-        "t5": ["t5_hidden"],
-    }[args.pass_name]
-    return run_job("verify_job", "verify", {"kinds": kinds}, args.verbose)
+    _require_data_root("verify")
+    config = {"kinds": VERIFY_KINDS[args.pass_name], "strict": args.strict, "deep": args.deep}
+    return run_job("verify_job", "verify", config, args.verbose)
 
 
 def cmd_migrate(args) -> int:
     if args.dry_run:
         from .core.layout import DataLayout
         from .core.records import migrate_stage1
+        from .defs.execution import ModelResources
 
-        defs = _definitions()
-        resources = defs.resources
-        report = migrate_stage1(
-            DataLayout(_data_root()),
-            dinov3_recipe=resources["dinov3"].settings().recipe(),
-            caption_recipe=resources["captioner"].settings().recipe(),
-            dry_run=True,
-        )
+        _require_data_root("migrate --dry-run")
+        resources = _definitions().resources
+        recipes = ModelResources(resources["dinov3"], resources["captioner"], resources["flux_vae"],
+                                 resources["t5"]).recipes()
+        report = migrate_stage1(DataLayout(_data_root()), dinov3_recipe=recipes["dinov3"],
+                                caption_recipe=recipes["captions"], dry_run=True)
         print("\n".join(report.summary_lines()))
         return EXIT_OK
-    return materialize(["dataset_jsonl"], args.verbose)
+    code = materialize(["dataset_jsonl"], args.verbose, asset_config={"dataset_jsonl": {"config": {"force": args.force}}})
+    return code
+
+
+def cmd_report(args) -> int:
+    from .core.layout import DataLayout
+
+    code = materialize(["thumbnails", "near_duplicates", "dataset_report"], args.verbose)
+    if code == EXIT_OK:
+        print(f"report: {DataLayout(_data_root()).reports_dir / 'dataset_report.html'}")
+    return code
+
+
+def cmd_config(args) -> int:
+    from .defs.settings import ConfigError, set_active_profile, settings_path
+
+    if args.use:
+        try:
+            set_active_profile(settings_path(), args.use)
+        except ConfigError as error:
+            raise CliError(str(error)) from None
+        print(f"{settings_path()}: active profile is now {args.use!r}")
+        return EXIT_OK
+    settings = _settings()
+    found = "" if settings.file_found else " (not present: defaults and environment only)"
+    print(f"settings file: {settings.path}{found}")
+    print(f"profile: {settings.profile or '(none)'}")
+    width = max(len(key) for key in settings.values)
+    for key in sorted(settings.values):
+        print(f"{key:<{width}} = {settings.values[key]!r:<40} # {settings.sources[key]}")
+    return EXIT_OK
 
 
 def cmd_dev(args) -> int:
-    from .core.layout import DataLayout
-    from .demo.run import demo_env_file
     from .instance import project_root
 
+    _settings()  # a broken settings file is one line here, not a web UI that cannot load its code
     _instance()
-    env = dict(os.environ)
-    if args.demo:
-        env_file = demo_env_file(DataLayout(_data_root()))
-        if not env_file.is_file():
-            raise CliError(f"{env_file} not found: run `photoset demo` first")
-        env.update(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     workspace = str(project_root() / "workspace.yaml")
     command = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", args.host, "-p", str(args.port)]
     # Replace this process: Ctrl-C and SIGTERM reach `dagster dev` itself, with default handlers even
@@ -396,13 +464,15 @@ def cmd_dev(args) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(project_root())
-    os.execve(sys.executable, command, env)
+    os.execve(sys.executable, command, dict(os.environ))
 
 
 def cmd_demo(args) -> int:
-    from .demo.run import run_demo
+    from .demo.run import run_demo, serve_demo
 
-    return run_demo(photos=args.photos, verbose=args.verbose, run=run_job)
+    if args.action == "serve":
+        return serve_demo()
+    return run_demo(photos=args.photos, verbose=args.verbose, run=run_job, report=lambda: cmd_report(args))
 
 
 COMMANDS = {
@@ -414,17 +484,25 @@ COMMANDS = {
     "prune": cmd_prune,
     "verify": cmd_verify,
     "migrate": cmd_migrate,
+    "report": cmd_report,
+    "config": cmd_config,
 }
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds: leases, locks and slot claims are released on the way out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # Dagster flags beta/preview APIs on every definitions load; the terminal is for pipeline output.
-    warnings.filterwarnings("ignore", message=r".*is currently in (beta|preview).*")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error already printed as one line
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    if not args.verbose:
+        _quiet_third_parties()
     _apply_global_options(args)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return COMMANDS[args.command](args)
     except CliError as error:

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 
@@ -7,8 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# As the CLI and `photoset dev` do: one planned event per run, not one per partition (see README).
-os.environ.setdefault("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true")
+# Tests never read the developer's photoset.toml: each test that wants a settings file writes its own.
+os.environ["PHOTOSET_SETTINGS"] = os.path.join(tempfile.mkdtemp(prefix="photoset-settings-"), "photoset.toml")
+# The disk floor (20 GB by default) is a property of the machine, not of the code under test.
+os.environ.setdefault("PHOTOSET_MIN_FREE_GB", "0")
 
 pytest_plugins = [
     "photoset_dagster_tests.fixtures_http",

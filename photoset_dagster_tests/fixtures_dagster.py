@@ -54,6 +54,8 @@ def photo_site() -> Iterator[PhotoSite]:
 @pytest.fixture
 def photoset_env(tmp_path: Path, photo_site: PhotoSite, tiny_models) -> dict[str, str]:
     return {
+        "PHOTOSET_SETTINGS": str(tmp_path / "photoset.toml"),  # never the project's own settings file
+        "PHOTOSET_MIN_FREE_GB": "0",
         "PHOTOSET_DATA_ROOT": str(tmp_path / "data"),
         "PHOTOSET_PHOTOS_URL": photo_site.server.photos_url,
         "PHOTOSET_ALLOW_HTTP": "1",
@@ -94,6 +96,7 @@ def materialize_range(
     first: str,
     last: str,
     run_config: dict | None = None,
+    raise_on_error: bool = True,
 ) -> dg.ExecuteInProcessResult:
     """What a backfill of one range does: one run over first..last (partition order)."""
     keys = [dg.AssetKey(name) for name in assets]
@@ -103,6 +106,7 @@ def materialize_range(
         asset_selection=keys,
         tags={ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last},
         run_config=run_config or {},
+        raise_on_error=raise_on_error,
     )
 
 

@@ -100,10 +100,18 @@ def initialized_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home, so each test copies this one)."""
     import dagster as dg
 
+    from photoset_dagster.instance import prepare_dagster_home
+
     home = tmp_path_factory.mktemp("dagster_home")
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.get_runs(limit=1)
+    env = {"DAGSTER_HOME": str(home)}
+    prepare_dagster_home(env)
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)  # the instance's storage config reads it
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.get_runs(limit=1)
+    finally:
+        os.environ.pop("DAGSTER_HOME") if saved is None else os.environ.__setitem__("DAGSTER_HOME", saved)
     return home
 
 
@@ -204,6 +212,8 @@ def dataset_ids(layout: DataLayout) -> list[str]:
 
 
 def test_sync_dry_run_downloads_and_links_nothing_and_prints_the_seed_summary(cli, ids, data_layout):
+    data_layout.root.mkdir(parents=True)
+
     result = cli("sync", "--dry-run", "--end-page", "1", "--limit", "5")
 
     assert result.code == 0, result.err
@@ -214,7 +224,16 @@ def test_sync_dry_run_downloads_and_links_nothing_and_prints_the_seed_summary(cl
     assert summary["downloaded:"] == "0" and summary["symlink created:"] == "0"
     assert result.err.count("would download") == 5
     assert not result.error_lines
-    assert not data_layout.root.exists()  # no download, link, snapshot, folder or lock file
+    assert list(data_layout.root.iterdir()) == []  # no download, link, snapshot, folder or lock file
+
+
+@pytest.mark.parametrize("argv", [["sync", "--dry-run"], ["prune", "--dry-run"], ["verify"], ["shards", "--dry-run"],
+                                  ["migrate", "--dry-run"]])
+def test_read_only_commands_refuse_a_data_root_that_does_not_exist(cli, ids, data_layout, argv):
+    result = cli(*argv)
+
+    assert_one_error(result, 2, "does not exist", "only reads")
+    assert not data_layout.root.exists()
 
 
 def test_sync_links_every_photo_and_a_second_sync_changes_nothing(prepared, cli):
@@ -254,13 +273,14 @@ def test_sync_prune_needs_a_full_scan(cli, ids, data_layout, scope):
 # --- generate -----------------------------------------------------------------------------------
 
 
-def test_generate_t5_before_captions_reports_each_failure_and_exits_1(cli, ids, data_layout):
+def test_generate_t5_before_captions_reports_each_failure_and_exits_3(cli, ids, data_layout):
     assert cli("sync").code == 0
 
     result = cli("generate", "--pass", "t5")
 
-    assert_one_error(result, 1, f"{IMAGES} image(s) failed")
-    assert result.err.count("no caption yet") == IMAGES
+    assert_one_error(result, 3, f"{IMAGES} of {IMAGES} image(s) failed (t5_hidden)")  # images, not stage x image
+    warned = [line for line in result.err.splitlines() if line.startswith("t5_hidden: ") and "no caption yet" in line]
+    assert len(warned) == IMAGES
     assert f"t5_hidden: 0 done, 0 current, {IMAGES} failed" in result.err
     assert not list(data_layout.kind_dir("t5_hidden").glob("*.npy"))
 
@@ -350,6 +370,8 @@ def test_shards_of_an_unknown_bucket_is_a_usage_error(cli):
 
 
 def test_shards_without_a_dataset_says_how_to_build_it(cli, data_layout):
+    data_layout.root.mkdir(parents=True)
+
     result = cli("shards", "--dry-run")
 
     assert_one_error(result, 2, str(data_layout.dataset_jsonl), "photoset migrate")
@@ -432,7 +454,7 @@ def test_prune_refuses_to_empty_the_dataset_when_the_list_comes_back_empty(prepa
 
     result = cli("prune")
 
-    assert_one_error(result, 1, "force")
+    assert_one_error(result, 4, "force")
     assert len(list(prepared.layout.approved_dir.iterdir())) == IMAGES
     assert dataset_ids(prepared.layout) == prepared.ids
 
@@ -442,7 +464,7 @@ def test_prune_default_guard_refuses_more_than_a_tenth(prepared, cli, photo_site
 
     result = cli("prune")
 
-    assert_one_error(result, 1, "refusing to remove 1 of 7", "force")
+    assert_one_error(result, 4, "refusing to remove 1 of 7", "force")
     assert prepared.layout.raw_path(prepared.ids[-1]).exists()
 
 
@@ -513,7 +535,7 @@ def test_help_exits_0(cli):
     ("env", "fragments"),
     [
         ({"PHOTOSET_RETRIES": "abc"}, ["PHOTOSET_RETRIES='abc'", "int"]),
-        ({"PHOTOSET_VAE_LATENT": "bogus"}, ["PHOTOSET_VAE_LATENT='bogus'", "'mode' or 'sample'"]),
+        ({"PHOTOSET_VAE_LATENT": "bogus"}, ["PHOTOSET_VAE_LATENT='bogus'", "expected one of mode, sample"]),
         ({"PHOTOSET_DINOV3_PATCH_TOKENS": "maybe"}, ["PHOTOSET_DINOV3_PATCH_TOKENS='maybe'"]),
         ({"PHOTOSET_INSTANCE": "oracle", "DAGSTER_HOME": ""}, ["PHOTOSET_INSTANCE='oracle'", "sqlite, postgres"]),
     ],
@@ -539,8 +561,9 @@ def test_an_unreachable_photo_api_is_one_error_line_exit_1(cli, data_layout):
     assert_one_error(pruned, 1, "incomplete", "nothing pruned")
 
 
-def test_an_unreachable_photo_api_fails_a_dry_run_too(cli):
+def test_an_unreachable_photo_api_fails_a_dry_run_too(cli, data_layout):
     url = f"http://127.0.0.1:{closed_port()}/photos.json"
+    data_layout.root.mkdir(parents=True)
 
     result = cli("sync", "--dry-run", PHOTOSET_PHOTOS_URL=url, PHOTOSET_RETRIES="0")
 
@@ -558,9 +581,10 @@ def test_a_photo_list_failing_midway_syncs_what_was_listed_and_exits_1(cli, ids,
     assert len(list(data_layout.approved_dir.iterdir())) == PAGE_SIZE
 
 
-def test_an_unexpected_error_is_one_line_and_verbose_shows_its_traceback(cli, tmp_path):
+def test_an_unexpected_error_is_one_line_and_verbose_shows_its_traceback(cli, tmp_path, data_layout):
     not_a_folder = tmp_path / "home-is-a-file"
     not_a_folder.write_text("")
+    data_layout.root.mkdir(parents=True)
 
     result = cli("verify", DAGSTER_HOME=str(not_a_folder))
 
@@ -588,7 +612,7 @@ def test_verbose_also_prints_dagsters_engine_events(prepared, cli):
 def test_dev_demo_without_a_demo_is_one_line_exit_2(cli, data_layout):
     result = cli("dev", "--demo")
 
-    assert_one_error(result, 2, "demo.env not found", "photoset demo")
+    assert_one_error(result, 2, "profile 'demo'", "photoset demo")
 
 
 def test_demo_runs_the_whole_pipeline(cli, tmp_path):
@@ -607,7 +631,13 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path):
     assert sorted(dataset_ids(layout)) == sorted(image_ids)
     assert list(layout.shards_dir.glob("bucket_*/shard-*.tar"))
     assert "approved links:   4 of 4 good demo photos" in result.err
-    assert (layout.state_dir / "demo.env").is_file()
+    assert (layout.reports_dir / "dataset_report.html").is_file() and "report:" in result.out
+    # The demo's settings are a profile every later command reads: no environment needed.
+    settings = Path(os.environ["PHOTOSET_SETTINGS"]).read_text()
+    assert 'profile = "demo"' in settings and str(root) in settings
+    unset = {name: "" for name in cli.env if name.startswith("PHOTOSET_") and name != "PHOTOSET_SETTINGS"}
+    verify = cli("verify", **unset)
+    assert verify.code == 0, verify.err
 
 
 # --- the console script ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from photoset_dagster.core.artefacts import read_json
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from photoset_dagster.defs.partitions import IMAGE_ID_PARTITIONS_NAME, image_ids
-from photoset_dagster.defs.pipeline import STAGES
+from photoset_dagster.stages.base import STAGES
 from photoset_dagster.models.common import LOAD_COUNTS
 from photoset_dagster_tests.fixtures_dagster import (
     build_defs,
@@ -158,7 +158,7 @@ def test_new_bytes_under_the_same_filename_recompute_that_image_only(photoset_en
     assert read_json(data_layout.json_path("facts", ids[2]))["aspect_bucket"] == "1216x832"
 
 
-def test_a_corrupt_image_fails_alone_with_its_reason(photoset_env, photo_site, instance):
+def test_a_corrupt_image_fails_alone_with_its_reason_and_the_run_says_so(photoset_env, photo_site, instance):
     ids = photo_site.add_images(4)
     broken = image_bytes("PNG", (48, 48), seed=5)
     photo_site.server.set_file(ids[3], broken[: len(broken) // 2])  # valid magic bytes, truncated data
@@ -166,14 +166,23 @@ def test_a_corrupt_image_fails_alone_with_its_reason(photoset_env, photo_site, i
     defs = build_defs(photoset_env)
     register(defs, instance)
 
-    result = materialize_range(defs, instance, STAGES, ids[0], ids[-1])
+    result = materialize_range(defs, instance, STAGES, ids[0], ids[-1], raise_on_error=False)
 
-    assert result.success
+    assert not result.success  # run-failure sensors and alerts fire
     assert sorted(materialized_keys(result, "t5_hidden")) == ids[:3]
-    observations = [
-        e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION" and e.partition == ids[3]
-    ]
-    assert observations, "the failed image gets an observation carrying its error"
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = failure.step_failure_data.user_failure_data.description
+    assert message.startswith("1 of 4 image(s) failed (image_facts); e.g. img0003: ImageDecodeError")
+    failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    assert {(e.asset_key.to_user_string(), e.partition) for e in failed_checks} == {
+        (stage, ids[3]) for stage in STAGES[1:]}
+    reasons = {e.asset_key.to_user_string(): e.description for e in failed_checks}
+    assert "cannot decode" in reasons["image_facts"]
+    assert reasons["t5_hidden"].startswith("skipped: image_facts failed: ImageDecodeError")
+
+    tolerated = materialize_range(defs, instance, STAGES, ids[0], ids[-1],
+                                  run_config={"ops": {"image_pipeline": {"config": {"tolerate_failures": True}}}})
+    assert tolerated.success
 
 
 def test_dataset_and_shards_then_prune_removes_everything_of_a_delisted_image(
@@ -229,13 +238,13 @@ def test_prune_refuses_a_mass_deletion_and_an_incomplete_list(photoset_env, phot
 CHECKED = {"captions": "captions", "dinov3_embeddings": "dinov3", "vae_latents": "vae_latents", "t5_hidden": "t5_hidden"}
 
 
-def test_artefact_checks_catch_a_corrupt_file_of_each_pass(photoset_env, photo_site, instance, data_layout):
+def test_artefact_checks_alone_judge_each_partition_and_compute_nothing(photoset_env, photo_site, instance, data_layout):
     ids = photo_site.add_images(5)
     photo_site.publish(ids)
     defs = build_defs(photoset_env)
     register(defs, instance)
     assert materialize_range(defs, instance, STAGES, ids[0], ids[-1]).success
-    # One corrupt artefact per pass, each on a different image.
+    # One corrupt artefact per stage, each on a different image.
     for image_id, kind in zip(ids, CHECKED.values()):
         target = data_layout.json_path(kind, image_id) if kind == "captions" else data_layout.npy_path(kind, image_id)
         target.write_bytes(target.read_bytes()[:20])
@@ -243,14 +252,14 @@ def test_artefact_checks_catch_a_corrupt_file_of_each_pass(photoset_env, photo_s
     check_job = dg.define_asset_job("check_job", selection=dg.AssetSelection.checks(*check_keys), partitions_def=image_ids)
     with_job = dg.Definitions.merge(defs, dg.Definitions(jobs=[check_job]))
 
-    result = with_job.resolve_job_def("check_job").execute_in_process(
+    result, loads = loads_during(lambda: with_job.resolve_job_def("check_job").execute_in_process(
         instance=instance,
         tags={ASSET_PARTITION_RANGE_START_TAG: ids[0], ASSET_PARTITION_RANGE_END_TAG: ids[-1]},
         raise_on_error=False,
-    )
+    ))
 
-    evaluations = {e.asset_key.to_user_string(): e for e in result.get_asset_check_evaluations()}
-    assert set(evaluations) == set(CHECKED)
-    for stage, evaluation in evaluations.items():
-        assert not evaluation.passed, stage
-        assert evaluation.metadata["invalid"].value == 1, stage
+    assert loads == {family: 0 for family in MODEL_FAMILIES}
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == len(CHECKED) * len(ids)  # one per image and check: a range is not one verdict
+    failed = {(e.asset_key.to_user_string(), e.partition) for e in evaluations if not e.passed}
+    assert failed == {(stage, image_id) for image_id, stage in zip(ids, CHECKED)}

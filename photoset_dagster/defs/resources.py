@@ -1,7 +1,8 @@
 """Resources: the pipeline's configuration and one lazily-loaded model per family.
 
-Defaults come from environment variables (see README "Configuration"), read once when the
-definitions load; every field can still be overridden per run from the launchpad or run config.
+Their values come from the project's settings (``defs.settings``: defaults, ``photoset.toml``, its
+active profile, ``PHOTOSET_*`` variables), the same in every process; every field can still be
+overridden per run from the launchpad or run config.
 """
 
 import dataclasses
@@ -13,24 +14,14 @@ from typing import Any, ClassVar, Literal
 import dagster as dg
 from pydantic import PrivateAttr
 
+from ..core.download import Downloader
 from ..core.http import RetryPolicy, make_client
 from ..core.layout import DataLayout
 from ..models.captioner import CaptionSettings
 from ..models.dinov3 import Dinov3Settings
 from ..models.flux_vae import FluxVaeSettings
 from ..models.t5 import T5Settings
-
-
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name)
-    if value is None or value == "":
-        return default
-    lowered = value.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
+from .settings import MODELS_SECTION, ConfigError, EffectiveSettings, load_settings
 
 
 class PhotosetConfig(dg.ConfigurableResource):
@@ -45,9 +36,21 @@ class PhotosetConfig(dg.ConfigurableResource):
     max_total_wait_s: float = 300.0
     download_concurrency: int = 16
     max_file_bytes: int = 200 * 1024 * 1024
+    # A download slower than this on average (after the grace period) is cut as "too slow": no server
+    # can hold a worker, or the sync, forever. The per-attempt bound is timeout + size / this rate.
+    min_download_kib_s: float = 16.0
+    download_grace_s: float = 10.0
+    page_timeout_s: float = 120.0  # one photo-list page, its retries aside
     user_agent: str = "photoset/0.1 (+approved-photo-sync)"
     prune_max_fraction: float = 0.10
     jsonl_backups: int = 3
+    # Refuse a pass, migrate or shards that would leave less free disk than this (the seed's floor).
+    min_free_gb: float = 20.0
+    # Images whose DINOv3 vectors are this similar (cosine) form a near-duplicate cluster.
+    near_duplicate_threshold: float = 0.95
+    # Pack only one image per near-duplicate cluster into the shards (nothing is ever deleted).
+    exclude_near_duplicates: bool = False
+    report_note: str = ""  # a line shown at the top of the dataset report
 
     @property
     def layout(self) -> DataLayout:
@@ -62,6 +65,18 @@ class PhotosetConfig(dg.ConfigurableResource):
             timeout_s=self.timeout_s, user_agent=self.user_agent, max_connections=self.download_concurrency
         )
 
+    def downloader(self, client) -> Downloader:
+        return Downloader(
+            client,
+            self.retry_policy,
+            concurrency=self.download_concurrency,
+            max_bytes=self.max_file_bytes,
+            allow_http=self.allow_http,
+            header_timeout_s=self.timeout_s,
+            min_rate_bps=self.min_download_kib_s * 1024,
+            rate_grace_s=self.download_grace_s,
+        )
+
 
 def _default(settings_class: type, name: str) -> Any:
     """A model resource's default is its settings dataclass's default: one place to change it."""
@@ -74,7 +89,13 @@ class _ModelResource(dg.ConfigurableResource):
 
     model_id: str
     revision: str | None = None
+    # "auto": a free device of ``devices`` (default: every visible GPU), else the CPU; or "cuda:1", "cpu".
     device: str = "auto"
+    # Devices a run may lease when ``device`` is "auto" or "cuda" (e.g. ["cuda:0", "cuda:1"]); each run
+    # owns one until it ends. Empty: every GPU this process sees.
+    devices: list[str] = []
+    # The compute dtype (part of the recipe: changing it recomputes exactly that stage); "auto" is the
+    # family's measured default (models/*.py: DINOv3 float32, VAE bfloat16, T5 float16).
     dtype: str = "auto"
     batch_size: int = 8
 
@@ -82,19 +103,35 @@ class _ModelResource(dg.ConfigurableResource):
 
     settings_class: ClassVar[type]
 
-    def settings(self):
+    @property
+    def runs_locally(self) -> bool:
+        """Whether this model computes in this process (and so needs the gpu slot and a device)."""
+        return True
+
+    def settings(self, device: str | None = None):
         """The family's settings dataclass, from this resource's fields of the same names."""
         cls = self.settings_class
-        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in type(self).model_fields})
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls) if f.name in type(self).model_fields}
+        if device is not None:
+            values["device"] = device
+        return cls(**values)
 
-    def get(self):
+    def get(self, device: str | None = None):
+        """The model, loaded on first use (on ``device`` when given: the one this run leased)."""
         if self._model is None:
-            self._model = self.settings().load()
+            self._model = self.settings(device).load()
+        return self._model
+
+    @property
+    def loaded(self) -> Any:
         return self._model
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._model is None:
             return
+        close = getattr(self._model, "close", None)
+        if callable(close):  # an HTTP captioner's worker threads and keep-alive connections
+            close()
         self._model = None
         gc.collect()
         try:
@@ -128,13 +165,24 @@ class CaptionModel(_ModelResource):
     ollama_model: str = _default(CaptionSettings, "ollama_model")
     openai_base_url: str = _default(CaptionSettings, "openai_base_url")
     openai_model: str = _default(CaptionSettings, "openai_model")
-    openai_api_key: str | None = _default(CaptionSettings, "openai_api_key")
+    # The *name* of the variable holding the API key: the key itself is read when the model loads,
+    # so it never sits in run config, the launchpad, logs or the UI.
+    openai_api_key_env: str = "PHOTOSET_OPENAI_API_KEY"
     concurrency: int = _default(CaptionSettings, "concurrency")
     timeout_s: float = _default(CaptionSettings, "timeout_s")
     input_mode: Literal["bucket", "original"] = "bucket"
     batch_size: int = 4
 
     settings_class: ClassVar[type] = CaptionSettings
+
+    @property
+    def runs_locally(self) -> bool:
+        return self.backend == "transformers"
+
+    def settings(self, device: str | None = None):
+        settings = super().settings(device)
+        key = os.environ.get(self.openai_api_key_env) if self.backend == "openai" else None
+        return dataclasses.replace(settings, openai_api_key=key) if key else settings
 
 
 class FluxVaeModel(_ModelResource):
@@ -162,45 +210,6 @@ class T5Model(_ModelResource):
     settings_class: ClassVar[type] = T5Settings
 
 
-# Environment variable -> (resource key, field). One table so the README and the code agree.
-ENV_SETTINGS: dict[str, tuple[str, str]] = {
-    "PHOTOSET_DATA_ROOT": ("photoset", "data_root"),
-    "PHOTOSET_PHOTOS_URL": ("photoset", "photos_url"),
-    "PHOTOSET_ALLOW_HTTP": ("photoset", "allow_http"),
-    "PHOTOSET_TIMEOUT_S": ("photoset", "timeout_s"),
-    "PHOTOSET_RETRIES": ("photoset", "retries"),
-    "PHOTOSET_DOWNLOAD_CONCURRENCY": ("photoset", "download_concurrency"),
-    "PHOTOSET_MAX_FILE_BYTES": ("photoset", "max_file_bytes"),
-    "PHOTOSET_USER_AGENT": ("photoset", "user_agent"),
-    "PHOTOSET_PRUNE_MAX_FRACTION": ("photoset", "prune_max_fraction"),
-    "PHOTOSET_DEVICE": ("*", "device"),
-    "PHOTOSET_DINOV3_MODEL": ("dinov3", "model_id"),
-    "PHOTOSET_DINOV3_REVISION": ("dinov3", "revision"),
-    "PHOTOSET_DINOV3_PATCH_TOKENS": ("dinov3", "patch_tokens"),
-    "PHOTOSET_DINOV3_BATCH_SIZE": ("dinov3", "batch_size"),
-    "PHOTOSET_CAPTION_BACKEND": ("captioner", "backend"),
-    "PHOTOSET_CAPTION_MODEL": ("captioner", "model_id"),
-    "PHOTOSET_CAPTION_REVISION": ("captioner", "revision"),
-    "PHOTOSET_CAPTION_MAX_NEW_TOKENS": ("captioner", "max_new_tokens"),
-    "PHOTOSET_CAPTION_BATCH_SIZE": ("captioner", "batch_size"),
-    "PHOTOSET_OLLAMA_HOST": ("captioner", "ollama_host"),
-    "PHOTOSET_OLLAMA_MODEL": ("captioner", "ollama_model"),
-    "PHOTOSET_OPENAI_BASE_URL": ("captioner", "openai_base_url"),
-    "PHOTOSET_OPENAI_MODEL": ("captioner", "openai_model"),
-    "PHOTOSET_OPENAI_API_KEY": ("captioner", "openai_api_key"),
-    "PHOTOSET_CAPTION_CONCURRENCY": ("captioner", "concurrency"),
-    "PHOTOSET_VAE_MODEL": ("flux_vae", "model_id"),
-    "PHOTOSET_VAE_REVISION": ("flux_vae", "revision"),
-    "PHOTOSET_VAE_LATENT": ("flux_vae", "latent"),
-    "PHOTOSET_VAE_SCALED": ("flux_vae", "scaled"),
-    "PHOTOSET_VAE_INPUT_MODE": ("flux_vae", "input_mode"),
-    "PHOTOSET_VAE_BATCH_SIZE": ("flux_vae", "batch_size"),
-    "PHOTOSET_T5_MODEL": ("t5", "model_id"),
-    "PHOTOSET_T5_REVISION": ("t5", "revision"),
-    "PHOTOSET_T5_MAX_LENGTH": ("t5", "max_length"),
-    "PHOTOSET_T5_BATCH_SIZE": ("t5", "batch_size"),
-}
-
 RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
     "photoset": PhotosetConfig,
     "dinov3": Dinov3Model,
@@ -211,46 +220,29 @@ RESOURCE_CLASSES: dict[str, type[dg.ConfigurableResource]] = {
 MODEL_RESOURCE_KEYS = ("dinov3", "captioner", "flux_vae", "t5")
 
 
-class ConfigError(ValueError):
-    """Bad configuration: the message names the variable and what it expects."""
-
-
-def env_int(name: str, default: int, env: Mapping[str, str] | None = None) -> int:
-    raw = (os.environ if env is None else env).get(name, "")
-    if raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
-
-
-def _coerce(resource_cls: type[dg.ConfigurableResource], field: str, env_name: str, raw: str) -> Any:
-    annotation = resource_cls.model_fields[field].annotation
-    try:
-        if annotation is bool:
-            return _env_bool({env_name: raw}, env_name, False)
-        if annotation is int:
-            return int(raw)
-        if annotation is float:
-            return float(raw)
-    except ValueError as error:
-        raise ConfigError(f"{env_name}={raw!r}: expected {annotation.__name__}") from error
-    return raw
+def resources_from_settings(settings: EffectiveSettings) -> dict[str, dg.ConfigurableResource]:
+    """Every resource, configured from the effective settings (file, profile, environment)."""
+    shared = {name: value for name, value in settings.section(MODELS_SECTION).items()
+              if settings.sources[f"{MODELS_SECTION}.{name}"] != "default"}
+    resources = {}
+    for key, cls in RESOURCE_CLASSES.items():
+        values = settings.section(key)
+        if key in MODEL_RESOURCE_KEYS:  # models.<field> applies where the model's own setting is unset
+            values.update({name: value for name, value in shared.items() if settings.sources[f"{key}.{name}"] == "default"})
+        try:
+            resources[key] = cls(**values)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"invalid {key} settings: {_first_error(error)}") from error
+    return resources
 
 
 def resources_from_env(env: Mapping[str, str] | None = None) -> dict[str, dg.ConfigurableResource]:
-    """Build every resource, taking overrides from ``PHOTOSET_*`` environment variables."""
-    env = os.environ if env is None else env
-    values: dict[str, dict[str, Any]] = {key: {} for key in RESOURCE_CLASSES}
-    for env_name, (key, field) in ENV_SETTINGS.items():
-        raw = env.get(env_name)
-        if raw is None or raw == "":
-            continue
-        targets = MODEL_RESOURCE_KEYS if key == "*" else (key,)
-        for target in targets:
-            values[target][field] = _coerce(RESOURCE_CLASSES[target], field, env_name, raw)
-    try:
-        return {key: cls(**values[key]) for key, cls in RESOURCE_CLASSES.items()}
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"invalid photoset configuration: {error}") from error
+    """Resources from the settings file and ``env`` (the process environment by default)."""
+    return resources_from_settings(load_settings(env))
+
+
+def _first_error(error: Exception) -> str:
+    details = getattr(error, "errors", None)
+    if callable(details):
+        return "; ".join(f"{'.'.join(map(str, d.get('loc', ())))}: {d.get('msg')}" for d in details())
+    return str(error)

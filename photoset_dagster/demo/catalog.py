@@ -11,7 +11,7 @@ import hashlib
 import io
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +32,7 @@ class DemoPhoto:
     note: str
     expected_size: tuple[int, int] | None = None  # (width, height) as displayed, i.e. after EXIF orientation
     expected_bucket: str | None = None  # assign_bucket(*expected_size)
+    duplicate_of: str | None = None  # a planted duplicate: the id of the photo it copies
 
 
 _ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -141,7 +142,9 @@ def _bucket_size(bucket_index: int, longest_side: int) -> tuple[int, int]:
 
 
 def demo_photos() -> list[DemoPhoto]:
-    """The good demo photos; specials first, each bucket visited in turn."""
+    """The good demo photos; specials first, each bucket visited in turn, then a planted near-duplicate
+    (the first photo's picture re-encoded at another quality) and an exact copy (the second photo's
+    bytes under another id), for the dataset report's duplicate clusters."""
     specs = [*_SPECIAL, *itertools.islice(itertools.cycle(_PLAIN), max(0, _DEMO_COUNT - len(_SPECIAL)))]
     photos = []
     for index, (note, ext, encode) in enumerate(specs):
@@ -149,6 +152,13 @@ def demo_photos() -> list[DemoPhoto]:
         body = encode(_picture(*size, seed=index))
         bucket = assign_bucket(*size)
         photos.append(DemoPhoto(demo_id(f"good-{index}"), body, ext, f"{note}, {size[0]}x{size[1]}", size, bucket))
+    first, second = photos[0], photos[1]
+    assert first.expected_size is not None
+    reencoded = _save(_picture(*first.expected_size, seed=0), "JPEG", quality=60)
+    photos.append(replace(first, image_id=demo_id("near-duplicate-of-good-0"), body=reencoded, expected_ext="jpg",
+                          note="near-duplicate: the same picture as JPEG quality 60", duplicate_of=first.image_id))
+    photos.append(replace(second, image_id=demo_id("exact-copy-of-good-1"),
+                          note="exact copy: the same bytes under another id", duplicate_of=second.image_id))
     return photos
 
 
