@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, as shells report it
 PASS_CHOICES = ("captions", "dinov3", "vae", "t5", "facts", "all")
 VERIFY_KINDS = {
     "all": ["facts", "captions", "dinov3", "vae_latents", "t5_hidden"],
@@ -238,6 +239,8 @@ def _failures(result) -> list[tuple[str, dict[str, Any]]]:
         user = getattr(data, "user_failure_data", None)
         if user is not None and user.description:
             found.append((user.description, {k: v.value for k, v in (user.metadata or {}).items()}))
+        elif data.error is not None and data.error.cls_name == "DagsterExecutionInterruptedError":
+            found.append(("interrupted", {"interrupted": True}))
         elif data.error is not None:
             found.append((_user_error(data.error).message, {}))
     return found or [("the run failed (see the run in the web UI)", {})]
@@ -257,6 +260,10 @@ def _exit_code(result, problems: Callable[[Any], list[str]] | None = None, *, qu
         failures = _failures(result)
         lines = [message for message, _ in failures]
         metadata = {key: value for _, meta in failures for key, value in meta.items()}
+        if metadata.get("interrupted"):
+            print("photoset: interrupted (the run is marked failed; everything finished before is kept, "
+                  "the next run does the rest)", file=sys.stderr)
+            return EXIT_INTERRUPTED
         code = EXIT_REFUSED if metadata.get("refused") else EXIT_PARTIAL if metadata.get("failed_images") else EXIT_FAILED
         if metadata.get("photo_list_error"):
             lines.insert(0, _listing_line(metadata))
@@ -510,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("photoset: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # a bug or an environment problem: still one line unless -v asks for more
         if args.verbose:
             traceback.print_exc()

@@ -31,11 +31,17 @@ from dagster import Field, StringSource
 from dagster._core.events import ASSET_EVENTS
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SQLITE_BUSY_TIMEOUT_SECONDS, SqliteEventLogStorage
+from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    SQLITE_BUSY_TIMEOUT_SECONDS,
+    SqliteEventLogStorage,
+    SqliteEventLogStorageWatchdog,
+)
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import StaticPool
+from watchdog.events import PatternMatchingEventHandler
+from watchdog.observers import Observer
 
 # Open databases kept at once: the index, and the shards of the runs writing now.
 MAX_OPEN_SHARDS = 16
@@ -104,6 +110,16 @@ class PhotosetSqliteEventLogStorage(SqliteEventLogStorage):
                 for entry, event_id in zip(entries, ids):
                     self._store_asset_event(conn, entry, event_id)
 
+    def watch(self, run_id: str, cursor: str | None, callback: Any) -> None:
+        """Dagster's watcher follows the run's ``.db`` file, which a WAL database only touches at a
+        checkpoint (Dagster's storage forces one by closing its connection after every event); this one
+        follows the write-ahead log too, so the web UI's live run log keeps up."""
+        if not self._obs:
+            self._obs = Observer()
+            self._obs.start()
+        watchdog = _WalWatchdog(self, run_id, callback, cursor)
+        self._watchers[run_id][callback] = (watchdog, self._obs.schedule(watchdog, self._base_dir, recursive=True))
+
     def wipe(self) -> None:
         self._close_all()
         super().wipe()
@@ -116,6 +132,20 @@ class PhotosetSqliteEventLogStorage(SqliteEventLogStorage):
         with self._db_lock:
             while self._engines:
                 self._engines.popitem()[1].dispose()
+
+
+class _WalWatchdog(SqliteEventLogStorageWatchdog):
+    def __init__(self, storage: SqliteEventLogStorage, run_id: str, callback: Any, cursor: str | None) -> None:
+        path = storage.path_for_shard(run_id)
+        PatternMatchingEventHandler.__init__(self, patterns=[path, f"{path}-wal"])
+        self._event_log_storage = storage
+        self._run_id = run_id
+        self._cb = callback
+        self._log_path = path
+        self._cursor = cursor
+
+    def on_modified(self, event: Any) -> None:
+        self._process_log()
 
 
 def _tune_connection(dbapi_connection: Any, _record: Any) -> None:

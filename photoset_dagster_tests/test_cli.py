@@ -624,13 +624,13 @@ def test_demo_runs_the_whole_pipeline(cli, tmp_path):
     assert "Traceback" not in result.err and not result.error_lines
     layout = DataLayout(root)
     links = sorted(layout.approved_dir.iterdir())
-    assert len(links) == 4 and all(link.resolve().is_file() for link in links)
+    assert len(links) == 6 and all(link.resolve().is_file() for link in links)
     image_ids = [link.stem for link in links]
     for image_id in image_ids:
         assert all(path.is_file() for path in artefact_files(layout, image_id)), image_id
     assert sorted(dataset_ids(layout)) == sorted(image_ids)
     assert list(layout.shards_dir.glob("bucket_*/shard-*.tar"))
-    assert "approved links:   4 of 4 good demo photos" in result.err
+    assert "approved links:   6 of 6 good demo photos" in result.err
     assert (layout.reports_dir / "dataset_report.html").is_file() and "report:" in result.out
     # The demo's settings are a profile every later command reads: no environment needed.
     settings = Path(os.environ["PHOTOSET_SETTINGS"]).read_text()

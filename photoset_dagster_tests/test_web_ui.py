@@ -1,17 +1,21 @@
 """The web UI in a real browser: the offline demo fills a temporary instance and data root, `dagster dev`
-serves them on loopback, and headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
-checks the asset graph, materializes `dataset_jsonl` from its page and follows the run to success.
+serves them on loopback with nothing but DAGSTER_HOME and the settings file the demo wrote, and headless
+Chromium (Debian's /usr/bin/chromium, driven by Playwright) checks the asset graph, the truth of the
+partition statuses (the demo's bad items Failed, the rest Materialized, no Unsynced dataset), materializes
+`dataset_jsonl` from its page, follows the run to success, and opens the demo's dataset report.
 
-Screenshots land in test-artifacts/ (git-ignored): web-ui.png (the asset graph), web-ui-run.png (the
-run page), web-ui-failure.png when something goes wrong. Skipped only when /usr/bin/chromium is
-missing (`apt-get install chromium`; ./tasks.sh test installs it when run as root).
+Screenshots land in test-artifacts/ (git-ignored): web-ui.png (the asset graph), web-ui-partitions.png,
+web-ui-run.png (the run page), dataset-report-demo.png, web-ui-failure.png when something goes wrong.
+Skipped only when /usr/bin/chromium is missing (`apt-get install chromium`; ./tasks.sh test installs it
+when run as root).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +30,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from photoset_dagster.demo.catalog import demo_id, demo_photos
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,7 +45,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-DEMO_PHOTOS = 3  # three aspect buckets; each demo photo costs a few CPU seconds (VAE)
+DEMO_PHOTOS = 3  # three aspect buckets (+ the two duplicates planted of them); a few CPU seconds each
 DEMO_TIMEOUT_S = 300
 SERVER_TIMEOUT_S = 150  # /server_info; ~30 s on a 2-core box
 UI_TIMEOUT_MS = 90_000  # first page load includes the code location's first load
@@ -79,10 +85,6 @@ def _clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
-
-
 def _default_signals() -> None:
     # A test run started in the background by a non-interactive shell inherits SIGINT ignored; dagster
     # dev maps SIGTERM to the SIGINT handler, so it would then ignore both. Restore the defaults.
@@ -93,8 +95,8 @@ def _default_signals() -> None:
 @dataclass
 class DemoSite:
     home: Path  # DAGSTER_HOME (SQLite instance)
-    data: Path  # PHOTOSET_DATA_ROOT
-    env: dict[str, str]  # what `photoset dev --demo` would run the web UI with
+    data: Path  # the demo's data root
+    env: dict[str, str]  # what the web UI runs with: DAGSTER_HOME and the settings file, nothing else
 
 
 @dataclass
@@ -106,16 +108,15 @@ class WebUI:
 
 @pytest.fixture
 def demo_site(tmp_path: Path) -> DemoSite:
-    """`photoset demo --photos N` into a temporary data root and DAGSTER_HOME (project dagster.yaml)."""
+    """`photoset demo --photos N` into a temporary data root, settings file and DAGSTER_HOME."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} not found (apt-get install chromium, or ./tasks.sh test as root)")
     home, data = tmp_path / "dagster_home", tmp_path / "data"
     home.mkdir()
-    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     # Dagster's "join the community" dialog covers the page on a new loopback instance; mark it seen.
     (home / ".nux").mkdir()
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
-    env = _clean_env(DAGSTER_HOME=str(home), DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS="true")
+    env = _clean_env(DAGSTER_HOME=str(home), PHOTOSET_SETTINGS=str(tmp_path / "photoset.toml"))
     started = time.monotonic()
     demo = subprocess.run(
         [sys.executable, "-m", "photoset_dagster.cli", "--data-root", str(data), "demo", "--photos", str(DEMO_PHOTOS)],
@@ -124,10 +125,7 @@ def demo_site(tmp_path: Path) -> DemoSite:
     output = (demo.stdout + demo.stderr)[-6000:]
     assert demo.returncode == 0, f"photoset demo failed (exit {demo.returncode}):\n{output}"
     print(f"demo: {time.monotonic() - started:.1f}s")
-    env_file = data / "state" / "demo.env"
-    assert env_file.is_file(), f"the demo wrote no {env_file}:\n{output}"
-    env.update(_read_env_file(env_file))
-    env["PHOTOSET_DATA_ROOT"] = str(data)
+    assert 'profile = "demo"' in (tmp_path / "photoset.toml").read_text(), output
     return DemoSite(home, data, env)
 
 
@@ -186,8 +184,20 @@ def web_ui(demo_site: DemoSite, tmp_path: Path) -> Iterator[WebUI]:
         _stop(process)
 
 
+@contextlib.contextmanager
+def _instance(home: Path) -> Iterator[dg.DagsterInstance]:
+    """The demo's instance, read from this process (its event log storage names DAGSTER_HOME)."""
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            yield instance
+    finally:
+        os.environ.pop("DAGSTER_HOME") if saved is None else os.environ.__setitem__("DAGSTER_HOME", saved)
+
+
 def _wait_for_run(home: Path, run_id: str, timeout_s: float) -> dg.DagsterRun:
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance(home) as instance:
         deadline = time.monotonic() + timeout_s
         while True:
             run = instance.get_run_by_id(run_id)
@@ -200,7 +210,7 @@ def _wait_for_run(home: Path, run_id: str, timeout_s: float) -> dg.DagsterRun:
 
 
 def _run_errors(home: Path, run_id: str) -> str:
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with _instance(home) as instance:
         lines = []
         for entry in instance.all_logs(run_id):
             event = entry.dagster_event
@@ -211,7 +221,36 @@ def _run_errors(home: Path, run_id: str) -> str:
         return "\n".join(lines)[-6000:]
 
 
-def test_web_ui_shows_the_assets_and_materializes_dataset_jsonl(web_ui: WebUI, demo_site: DemoSite):
+STATUS_QUERY = """
+query($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) { ... on AssetNode {
+    assetPartitionStatuses { ... on DefaultPartitionStatuses { materializedPartitions failedPartitions } }
+  } }
+}"""
+STALE_QUERY = """
+query($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) { ... on AssetNode { staleStatus staleCauses { reason } } }
+}"""
+BAD_IDS = {demo_id("bad-html"), demo_id("bad-404"), demo_id("bad-ftp")}  # valid ids whose sync must fail
+
+
+def _graphql(url: str, query: str, **variables: object) -> dict:
+    """What the UI's pages ask the webserver, over the same HTTP endpoint."""
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{url}/graphql", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    assert "errors" not in answer, answer["errors"]
+    return answer["data"]["assetNodeOrError"]
+
+
+def _good_ids() -> set[str]:
+    photos = demo_photos()
+    kept = {photo.image_id for photo in photos[:DEMO_PHOTOS]}
+    return kept | {photo.image_id for photo in photos if photo.duplicate_of in kept}
+
+
+def test_web_ui_tells_the_truth_and_materializes_dataset_jsonl(web_ui: WebUI, demo_site: DemoSite):
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect, sync_playwright
 
@@ -251,6 +290,19 @@ def test_web_ui_shows_the_assets_and_materializes_dataset_jsonl(web_ui: WebUI, d
             page.wait_for_timeout(1500)
             page.screenshot(path=str(ARTIFACTS / "web-ui.png"))
 
+            # The truth, as the UI's pages get it: bad items Failed, good ones Materialized, no Unsynced dataset.
+            good = _good_ids()
+            for asset, failed in (("approved_links", BAD_IDS), ("image_facts", BAD_IDS), ("t5_hidden", BAD_IDS)):
+                statuses = _graphql(web_ui.url, STATUS_QUERY, assetKey={"path": [asset]})["assetPartitionStatuses"]
+                assert set(statuses["failedPartitions"]) == failed, (asset, statuses)
+                assert set(statuses["materializedPartitions"]) == good, (asset, statuses)
+            dataset = _graphql(web_ui.url, STALE_QUERY, assetKey={"path": ["dataset_jsonl"]})
+            assert dataset["staleStatus"] == "FRESH", dataset["staleCauses"]
+            page.goto(f"{web_ui.url}/assets/approved_links?view=partitions", wait_until="domcontentloaded")
+            expect(page.get_by_text("Failed", exact=False).first).to_be_visible(timeout=UI_TIMEOUT_MS)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(ARTIFACTS / "web-ui-partitions.png"))
+
             # Materialize dataset_jsonl from its page: no models, a second or two of work.
             page.goto(f"{web_ui.url}/assets/dataset_jsonl", wait_until="domcontentloaded")
             expect(page.get_by_text("Latest materialization")).to_be_visible(timeout=UI_TIMEOUT_MS)
@@ -287,13 +339,45 @@ def test_web_ui_shows_the_assets_and_materializes_dataset_jsonl(web_ui: WebUI, d
             raise
         finally:
             browser.close()
+        _check_the_report(browser_args=CHROMIUM_ARGS, playwright=playwright, data=demo_site.data)
     print(f"browser part: {time.monotonic() - started:.1f}s")
 
     # The materialization from the UI rebuilt the JSONL over the demo's images.
-    with dg.DagsterInstance.from_config(str(demo_site.home)) as instance:
+    with _instance(demo_site.home) as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("dataset_jsonl"))
         assert event is not None and event.run_id == run_id
         metadata = event.asset_materialization.metadata
-        assert metadata["records"].value == DEMO_PHOTOS
+        assert metadata["records"].value == len(_good_ids())
         assert metadata["problems"].value == 0
     assert (demo_site.data / "derived" / "approved_image_dataset.jsonl").is_file()
+
+
+def _check_the_report(*, browser_args: list[str], playwright, data: Path) -> None:
+    """The demo's dataset report, opened from disk: thumbnails drawn, plots, the failed items with their
+    reasons, the planted duplicates side by side."""
+    report = data / "reports" / "dataset_report.html"
+    assert report.is_file()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=browser_args)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(report.as_uri(), wait_until="load")
+        thumbnails = page.locator("#bucket-grids img")
+        for index in range(thumbnails.count()):  # lazy images load once they scroll into view
+            thumbnails.nth(index).scroll_into_view_if_needed()
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('#bucket-grids img')).every(i => i.complete)", timeout=30_000)
+        widths = page.evaluate("() => Array.from(document.querySelectorAll('#bucket-grids img')).map(i => i.naturalWidth)")
+        assert widths and all(width > 0 for width in widths), widths
+        assert page.locator("#plots figure.plot svg").count() == 3
+        failures = page.locator("#failure-list").inner_text()
+        assert all(bad in failures for bad in BAD_IDS), failures
+        assert "HTTP 404" in failures
+        photos = demo_photos()
+        clusters = page.locator("#cluster-list").inner_text()
+        for photo in photos:
+            if photo.duplicate_of is not None:
+                assert photo.image_id in clusters and photo.duplicate_of in clusters, clusters
+        assert "random-weight" in page.locator("#note").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dataset-report-demo.png"), full_page=True)
+    finally:
+        browser.close()

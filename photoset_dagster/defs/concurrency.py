@@ -195,9 +195,10 @@ class GpuSlot:
 
 def run_started_at(instance: dg.DagsterInstance, run_id: str) -> str:
     records = instance.get_run_records(RunsFilter(run_ids=[run_id]), limit=1)
-    if not records or records[0].start_time is None:
+    if not records:
         return "?"
-    return dt.datetime.fromtimestamp(records[0].start_time, dt.timezone.utc).strftime("%H:%M:%S UTC")
+    started = records[0].start_time or records[0].create_timestamp.timestamp()
+    return dt.datetime.fromtimestamp(started, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def device_candidates(device: str, devices: list[str]) -> list[str]:

@@ -189,11 +189,16 @@ def demo_bad_items(server: PhotoServer) -> list[Any]:
 
 def load_demo(server: PhotoServer, page_size: int = 10, photos_limit: int | None = None) -> list[DemoPhoto]:
     """Serve the demo list (good and bad items interleaved, ``page_size`` per page) and its files;
-    ``photos_limit`` serves only the first N good photos (the bad items always).
+    ``photos_limit`` serves only the first N good photos, with the duplicates planted of them (the bad
+    items always).
 
     Returns the good photos served.
     """
-    photos = demo_photos()[:photos_limit]
+    every = demo_photos()
+    photos = every[:photos_limit]
+    kept = {photo.image_id for photo in photos}
+    # The planted duplicates come along with the photos they copy, so a small demo still shows clusters.
+    photos += [photo for photo in every if photo.duplicate_of in kept and photo.image_id not in kept]
     good: list[Any] = []
     for number, photo in enumerate(photos, start=1):
         server.set_file(photo.image_id, photo.body)

@@ -81,7 +81,7 @@ def run_pipeline(
         lock.exclusive = False
         yield from _acquire_shared(lock, cancel)
     try:
-        failed: dict[str, dict[str, str]] = {}  # stage -> id -> reason (failed or skipped there)
+        failed: dict[str, dict[str, tuple[str, bool]]] = {}  # stage -> id -> (reason, skipped there)
         facts: dict[str, Mapping[str, Any]] = {}
         ids = list(dict.fromkeys(image_ids))
         for stage in selected:
@@ -111,7 +111,7 @@ def run_pipeline(
                     if item.ok and stage == IMAGE_FACTS and item.record is not None:
                         facts[item.image_id] = item.record
                     elif not item.ok:
-                        failed.setdefault(stage, {})[item.image_id] = item.reason
+                        failed.setdefault(stage, {})[item.image_id] = (item.reason, item.status == "skipped")
                 yield item
     finally:
         lock.release()
@@ -131,14 +131,15 @@ def _acquire_shared(lock: DataLock, cancel: threading.Event | None) -> Iterator[
             time.sleep(0.2)
 
 
-def _blocked(stage: str, failed: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+def _blocked(stage: str, failed: Mapping[str, Mapping[str, tuple[str, bool]]]) -> dict[str, str]:
     """Images a stage this one needs (directly or through others) failed in this run: id -> why this
-    stage does not attempt them. A failed DINOv3 embedding does not hold back the VAE."""
+    stage does not attempt them ("image_facts failed: <reason>"). A failed DINOv3 embedding does not
+    hold back the VAE."""
     blocked: dict[str, str] = {}
     needed = UPSTREAM.get(stage)
     while needed is not None:
-        for image_id, reason in failed.get(needed, {}).items():
-            blocked.setdefault(image_id, reason if reason.startswith("skipped: ") else f"skipped: {needed} failed: {reason}")
+        for image_id, (reason, skipped) in failed.get(needed, {}).items():
+            blocked.setdefault(image_id, reason if skipped else f"{needed} failed: {reason}")
         needed = UPSTREAM.get(needed)
     return blocked
 
