@@ -26,7 +26,7 @@ def project_root() -> Path:
     return source_root if (source_root / "dagster.yaml").is_file() else Path.cwd()
 
 
-# photoset's SQLite event log (instance_storage.py), for homes on SQLite (no `storage:` block).
+# photoset's SQLite event log (instance_storage.py), for homes on SQLite (a template that names no storage).
 _EVENT_LOG = {"module": "photoset_dagster.instance_storage", "class": "PhotosetSqliteEventLogStorage",
               "config": {"dagster_home": {"env": "DAGSTER_HOME"}}}
 
@@ -35,7 +35,7 @@ def instance_yaml(template: Path, gpus: int) -> str:
     config = yaml.safe_load(template.read_text()) or {}
     pools = config.setdefault("concurrency", {}).setdefault("pools", {})
     pools["default_limit"] = max(1, gpus)
-    if "storage" not in config:
+    if "storage" not in config and "event_log_storage" not in config:  # the SQLite template
         config["event_log_storage"] = _EVENT_LOG
     return _GENERATED.format(template=template) + yaml.safe_dump(config, sort_keys=False)
 

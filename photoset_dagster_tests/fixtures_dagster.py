@@ -122,3 +122,74 @@ def materialized_keys(result: dg.ExecuteInProcessResult, asset: str) -> list[str
         for event in result.all_events
         if event.event_type_value == "ASSET_MATERIALIZATION" and event.asset_key == dg.AssetKey(asset)
     ]
+
+
+def storage_answers(instance: dg.DagsterInstance, assets: Sequence[str]) -> dict:
+    """What the web UI and Dagster's status APIs can learn about ``assets`` from an instance, with
+    storage ids and run ids replaced by what they point at, so two storages can be compared."""
+    from dagster._core.definitions.asset_checks.asset_check_spec import AssetCheckKey
+
+    runs = {run.run_id: index for index, run in enumerate(reversed(instance.get_runs()))}
+    storage = instance.event_log_storage
+    answers: dict = {}
+    for name in assets:
+        key = dg.AssetKey(name)
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=10_000).records
+        by_id = {record.storage_id: record for record in records}
+        materializations = []
+        for record in records:
+            tags = {k: v for k, v in record.asset_materialization.tags.items() if "input_event_pointer" not in k}
+            # the tag rows stored under this event's id: a wrong id finds another image's, or none
+            rows = storage.get_event_tags_for_asset(key, filter_event_id=record.storage_id)
+            stored_right = len(rows) == 1 and all(tags.get(k) == v for k, v in rows[0].items())
+            materializations.append((record.partition_key, runs[record.run_id], tuple(sorted(tags)),
+                                     tuple(sorted(record.asset_materialization.metadata)), stored_right))
+        materializations.sort()
+        entry = instance.get_asset_records([key])[0].asset_entry
+        last = entry.last_materialization_record
+        checks = {info.partition_key: (info.latest_execution_status.value, info.is_current)
+                  for info in storage.get_asset_check_partition_info([AssetCheckKey(key, "artefact_valid")])}
+        answers[name] = {
+            "materialized": sorted(instance.get_materialized_partitions(key)),
+            "materializations": materializations,
+            # the asset's row names its newest materialization (which partition finished last varies)
+            "asset row": (runs.get(entry.last_run_id), last is not None and last.storage_id == max(by_id)),
+            "checks": checks,
+        }
+    return answers
+
+
+STORAGE_ASSETS = ["approved_links", "image_facts", "dinov3_embeddings"]
+
+
+def publish_with_one_broken(photo_site: PhotoSite) -> list[str]:
+    """Six photos, the third of which cannot decode."""
+    ids = photo_site.add_images(6)
+    broken = image_bytes("PNG", (48, 48), seed=3)
+    photo_site.server.set_file(ids[2], broken[: len(broken) // 2])
+    photo_site.publish(ids)
+    return ids
+
+
+def record_two_runs(instance: dg.DagsterInstance, env: dict[str, str], ids: list[str]) -> None:
+    """A range run with one image that cannot decode, then the same run again (all recorded by then)."""
+    defs = build_defs(env)
+    assert defs.resolve_job_def("refresh_photo_list_job").execute_in_process(instance=instance).success
+    for _ in range(2):
+        result = materialize_range(defs, instance, STORAGE_ASSETS, ids[0], ids[-1], raise_on_error=False)
+        assert not result.success  # the broken image fails its run
+
+
+def stock_sqlite_answers(env: dict[str, str], data_root: Path, ids: list[str]) -> dict:
+    """The reference: :func:`record_two_runs` recorded by Dagster's own SQLite storage."""
+    with dg.instance_for_test() as stock:
+        record_two_runs(stock, {**env, "PHOTOSET_DATA_ROOT": str(data_root)}, ids)
+        return storage_answers(stock, STORAGE_ASSETS)
+
+
+def assert_same_answers(answers: dict, expected: dict) -> None:
+    for name in STORAGE_ASSETS:
+        for question, answer in expected[name].items():
+            assert answers[name][question] == answer, (name, question)
+    # and the questions were not vacuous: tag rows were found under each event's id
+    assert all(stored_right for name in STORAGE_ASSETS for *_, stored_right in answers[name]["materializations"])
