@@ -1,5 +1,5 @@
-"""`photoset`: the seed's commands (sync, generate, shards, prune, verify, migrate) plus report, config,
-demo and dev.
+"""`photoset`: the seed's commands (sync, generate, shards, prune, verify, migrate), plus report,
+config, demo and dev.
 
 Every command runs through the same Dagster definitions and the project's instance, so its runs
 appear in the web UI, and reads the same settings as every other process (``photoset config``).
@@ -84,7 +84,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="photoset", description=__doc__.splitlines()[0],
+    parser = _Parser(prog="photoset", description=__doc__.split("\n\n")[0].replace("\n", " "),
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="exit codes: 0 done, 1 run failed, 2 usage or configuration, 3 some images failed, "
                             "4 refused by a safety guard")

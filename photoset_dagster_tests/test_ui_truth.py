@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.definitions.partitions.context import partition_loading_context
 from dagster._core.test_utils import in_process_test_workspace
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster_graphql.test.utils import execute_dagster_graphql
@@ -37,6 +38,22 @@ query Truth($assetKey: AssetKeyInput!) {
   assetNodeOrError(assetKey: $assetKey) { ... on AssetNode { staleStatus staleCauses { reason } } }
 }
 """
+CHECK_QUERY = """
+query Checks($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) {
+    ... on AssetNode {
+      assetChecksOrError {
+        ... on AssetChecks {
+          checks {
+            name
+            partitionStatuses { ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions } }
+          }
+        }
+      }
+    }
+  }
+}
+"""
 
 
 class UI:
@@ -62,6 +79,22 @@ class UI:
             result = execute_dagster_graphql(context, query, {"assetKey": {"path": [name]}, **variables})
         assert not result.errors, result.errors
         return result.data["assetNodeOrError"]
+
+    def _query(self, query: str, variables: dict) -> dict:
+        origin = LoadableTargetOrigin(python_file=str(self._defs_file()), attribute="defs")
+        # The webserver sets the partition loading context per request; the test workspace does not.
+        with in_process_test_workspace(self.instance, origin) as context, \
+                partition_loading_context(dynamic_partitions_store=self.instance):
+            result = execute_dagster_graphql(context, query, variables)
+        assert not result.errors, result.errors
+        return result.data
+
+    def check_statuses(self, name: str) -> dict[str, set[str]]:
+        """The artefact_valid check's partition view: which partitions passed, which failed."""
+        data = self._query(CHECK_QUERY, {"assetKey": {"path": [name]}})
+        (check,) = data["assetNodeOrError"]["assetChecksOrError"]["checks"]
+        statuses = check["partitionStatuses"]
+        return {"passed": set(statuses["succeededPartitions"]), "failed": set(statuses["failedPartitions"])}
 
     def statuses(self, name: str) -> dict[str, set[str]]:
         partitions = self.asset(name, [])["assetPartitionStatuses"]
@@ -108,6 +141,8 @@ def test_failed_images_show_failed_with_their_reason_and_the_good_ones_materiali
     evaluations = {(e.asset_key.to_user_string(), e.partition): e for e in result.get_asset_check_evaluations()}
     assert "cannot decode" in evaluations[("image_facts", ids[1])].description
     assert "not a supported image" in evaluations[("image_facts", ids[3])].description
+    for stage in STAGES[1:]:  # and the check's own partition view agrees
+        assert ui.check_statuses(stage) == {"passed": good, "failed": {ids[1], ids[3]}}, stage
     # Healthy data carries no "Unsynced" badge: the dataset was built from everything that could be built.
     dataset = ui.asset("dataset_jsonl")
     assert dataset["staleStatus"] == "FRESH", dataset["staleCauses"]
@@ -150,6 +185,13 @@ def test_artefacts_made_before_are_recorded_as_reused_by_a_backfill(ui, photoset
         reused = [e for e in result.asset_materializations_for_node("image_pipeline")
                   if e.asset_key == dg.AssetKey("dinov3_embeddings")]
         assert len(reused) == len(ids) and all(e.metadata["reused"].value is True for e in reused)
+        assert fresh_ui.check_statuses("dinov3_embeddings") == {"passed": set(ids), "failed": set()}
+
+        # Everything recorded now: a second backfill writes no materialization, and each check still
+        # passes on the materialization it judged.
+        again = materialize_range(defs, fresh, ["dinov3_embeddings"], ids[0], ids[-1])
+        assert again.success and not again.asset_materializations_for_node("image_pipeline")
+        assert fresh_ui.check_statuses("dinov3_embeddings") == {"passed": set(ids), "failed": set()}
 
 
 def test_a_migrated_stage1_file_then_a_backfill_shows_the_imported_artefacts_materialized(

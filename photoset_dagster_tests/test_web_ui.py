@@ -231,6 +231,12 @@ STALE_QUERY = """
 query($assetKey: AssetKeyInput!) {
   assetNodeOrError(assetKey: $assetKey) { ... on AssetNode { staleStatus staleCauses { reason } } }
 }"""
+CHECK_QUERY = """
+query($assetKey: AssetKeyInput!) {
+  assetNodeOrError(assetKey: $assetKey) { ... on AssetNode { assetChecksOrError { ... on AssetChecks { checks {
+    name partitionStatuses { ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions } }
+  } } } } }
+}"""
 BAD_IDS = {demo_id("bad-html"), demo_id("bad-404"), demo_id("bad-ftp")}  # valid ids whose sync must fail
 
 
@@ -296,6 +302,10 @@ def test_web_ui_tells_the_truth_and_materializes_dataset_jsonl(web_ui: WebUI, de
                 statuses = _graphql(web_ui.url, STATUS_QUERY, assetKey={"path": [asset]})["assetPartitionStatuses"]
                 assert set(statuses["failedPartitions"]) == failed, (asset, statuses)
                 assert set(statuses["materializedPartitions"]) == good, (asset, statuses)
+            for asset in ("image_facts", "t5_hidden"):  # the per-image check tells the same in its own view
+                (check,) = _graphql(web_ui.url, CHECK_QUERY, assetKey={"path": [asset]})["assetChecksOrError"]["checks"]
+                assert set(check["partitionStatuses"]["failedPartitions"]) == BAD_IDS, (asset, check)
+                assert set(check["partitionStatuses"]["succeededPartitions"]) == good, (asset, check)
             dataset = _graphql(web_ui.url, STALE_QUERY, assetKey={"path": ["dataset_jsonl"]})
             assert dataset["staleStatus"] == "FRESH", dataset["staleCauses"]
             page.goto(f"{web_ui.url}/assets/approved_links?view=partitions", wait_until="domcontentloaded")

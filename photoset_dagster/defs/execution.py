@@ -16,10 +16,10 @@ import dagster as dg
 from dagster._core.events import DagsterEvent
 
 from ..core.artefacts import Recipe
-from ..stages.base import CAPTIONS, DINOV3, MODEL_STAGES, STAGE_KINDS, T5, VAE
+from ..core.layout import DataLayout
+from ..stages.base import CAPTIONS, DINOV3, MODEL_STAGES, STAGE_KINDS, T5, VAE, Note
 from ..stages.captions import CaptionsStage
 from ..stages.dinov3 import Dinov3Stage
-from ..stages.base import Note
 from ..stages.pipeline import ModelWork, SyncWork, run_pipeline
 from ..stages.t5 import T5Stage
 from ..stages.vae import VaeStage
@@ -42,6 +42,16 @@ class ModelResources:
         """The recipe in force per artefact kind (what verify, the dataset and the shards accept)."""
         return {STAGE_KINDS[stage]: self.for_stage(stage).settings().recipe() for stage in MODEL_STAGES}
 
+    def stage(self, stage: str, layout: DataLayout) -> Any:
+        """The stage object that computes ``stage`` with this run's settings."""
+        if stage == CAPTIONS:
+            return CaptionsStage(layout, self.captioner.settings(), self.captioner.input_mode)
+        if stage == DINOV3:
+            return Dinov3Stage(layout, self.dinov3.settings())
+        if stage == VAE:
+            return VaeStage(layout, self.flux_vae.settings())
+        return T5Stage(layout, self.t5.settings())
+
     def code_versions(self) -> dict[str, str]:
         """Each model stage's recipe hash: Dagster's code version of its asset."""
         return {stage: self.for_stage(stage).settings().recipe().hash for stage in MODEL_STAGES}
@@ -63,17 +73,6 @@ class _Provider:
         return model.stats() if callable(getattr(model, "stats", None)) else {}
 
 
-def _stage_for(stage: str, photoset: PhotosetConfig, models: ModelResources) -> Any:
-    layout = photoset.layout
-    if stage == CAPTIONS:
-        return CaptionsStage(layout, models.captioner.settings(), models.captioner.input_mode)
-    if stage == DINOV3:
-        return Dinov3Stage(layout, models.dinov3.settings())
-    if stage == VAE:
-        return VaeStage(layout, models.flux_vae.settings())
-    return T5Stage(layout, models.t5.settings())
-
-
 def run_and_record(
     context: dg.OpExecutionContext,
     *,
@@ -92,7 +91,7 @@ def run_and_record(
     hold_run_lease(context.instance, context.run_id)
     slot = ModelSlot(context.instance, context.run_id, str(context.op_handle))
     works = {
-        stage: ModelWork(_stage_for(stage, photoset, models), _Provider(models.for_stage(stage), slot))
+        stage: ModelWork(models.stage(stage, photoset.layout), _Provider(models.for_stage(stage), slot))
         for stage in stages
         if stage in MODEL_STAGES
     }

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.definitions.data_version import (
     CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
@@ -152,6 +155,9 @@ class Recorder:
         self._pending: list[Outcome] = []
         self._last_flush = time.monotonic()
         self._meters: dict[str, ProgressMeter] = {}
+        # Check evaluations go in batches only to a storage that says it takes them (photoset's
+        # SQLite); Dagster's own storages reject them in a batch and fall back to one write each.
+        self._batch_checks = bool(getattr(self.instance.event_log_storage, "batches_check_evaluations", False))
 
     # --- the stream ----------------------------------------------------------------------------
     def record(self, item: Outcome | Note | StageDone) -> Iterator[DagsterEvent]:
@@ -183,30 +189,55 @@ class Recorder:
         self._last_flush = time.monotonic()
         materialized: list[dg.AssetMaterialization] = []
         planned: list[AssetMaterializationPlannedData] = []
-        checks: list[dg.AssetCheckEvaluation] = []
         for outcome in pending:
-            key = dg.AssetKey(outcome.stage)
             if outcome.ok:
                 if outcome.status == "current" and outcome.image_id in self._recorded_partitions(outcome.stage):
-                    continue
+                    continue  # recorded before: its check still passes (below), on that materialization
                 assert outcome.record is not None
                 materialized.append(self._materialization(outcome, reused=outcome.status == "current"))
-                if outcome.stage in self.checked_stages:
-                    checks.append(dg.AssetCheckEvaluation(key, CHECK_NAME, True, partition=outcome.image_id))
             else:
-                planned.append(AssetMaterializationPlannedData(key, partition=outcome.image_id))
-                if outcome.stage in self.checked_stages:
-                    checks.append(dg.AssetCheckEvaluation(
-                        key, CHECK_NAME, False, partition=outcome.image_id, description=outcome.reason,
-                        metadata={"reason": dg.MetadataValue.text(outcome.reason), "status": outcome.status},
-                    ))
+                planned.append(AssetMaterializationPlannedData(dg.AssetKey(outcome.stage), partition=outcome.image_id))
         yield from self._batch(materialized, lambda mat, meta: DagsterEvent.asset_materialization(self._step, mat, meta))
         yield from self._batch(planned, lambda data, meta: DagsterEvent.from_step(
             DagsterEventType.ASSET_MATERIALIZATION_PLANNED, self._step, data,
             message=f"{data.asset_key.to_user_string()} {data.partition}: planned, not materialized",
             batch_metadata=meta))
-        for evaluation in checks:
-            yield DagsterEvent.asset_check_evaluation(self._step, evaluation)
+        # After the materializations are stored: each evaluation names the one it judged.
+        checked = [outcome for outcome in pending if outcome.stage in self.checked_stages]
+        yield from self._batch(self._check_evaluations(checked), lambda evaluation, meta: DagsterEvent.from_step(
+            DagsterEventType.ASSET_CHECK_EVALUATION, self._step, evaluation,
+            message=f"{evaluation.asset_key.to_user_string()} {evaluation.partition}: {CHECK_NAME} "
+                    + ("passed" if evaluation.passed else f"failed: {evaluation.description}"),
+            batch_metadata=meta if self._batch_checks else None))
+
+    def _check_evaluations(self, outcomes: Sequence[Outcome]) -> list[dg.AssetCheckEvaluation]:
+        """One ``artefact_valid`` evaluation per outcome, targeting the partition's latest materialization
+        (the one just written, the one recorded before, or an older one a failure now contradicts):
+        Dagster shows a partition's check result only while it targets the latest materialization."""
+        evaluations = []
+        for stage in dict.fromkeys(outcome.stage for outcome in outcomes):
+            key = dg.AssetKey(stage)
+            partitions = {outcome.image_id for outcome in outcomes if outcome.stage == stage}
+            latest = self.instance.event_log_storage.get_latest_storage_id_by_partition(
+                key, DagsterEventType.ASSET_MATERIALIZATION, partitions)
+            records = self.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest) or 1).records
+            targets = {record.partition_key: AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp) for record in records}
+            for outcome in outcomes:
+                if outcome.stage != stage:
+                    continue
+                target = targets.get(outcome.image_id)
+                if outcome.ok:
+                    evaluations.append(dg.AssetCheckEvaluation(key, CHECK_NAME, True, partition=outcome.image_id,
+                                                               target_materialization_data=target))
+                else:
+                    evaluations.append(dg.AssetCheckEvaluation(
+                        key, CHECK_NAME, False, partition=outcome.image_id, description=outcome.reason,
+                        metadata={"reason": dg.MetadataValue.text(outcome.reason), "status": outcome.status},
+                        target_materialization_data=target,
+                    ))
+        return evaluations
 
     def _batch(self, items: Sequence[Any], build: Callable[[Any, DagsterEventBatchMetadata], DagsterEvent]):
         batch_id = generate_event_batch_id()

@@ -133,14 +133,11 @@ class _ModelResource(dg.ConfigurableResource):
         if callable(close):  # an HTTP captioner's worker threads and keep-alive connections
             close()
         self._model = None
-        gc.collect()
-        try:
-            import torch
+        import torch
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            pass
+        if torch.cuda.is_available():  # give the GPU memory back now (a full collection: ~0.3 s)
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 class Dinov3Model(_ModelResource):
