@@ -1,9 +1,11 @@
 """Shard writer throughput against GNU tar on the same files.
 
 Synthesises N samples with the seed's array sizes (DINOv3 (1024,) float32, VAE (16, 128, 128) float16,
-T5 (77, 1024) float16) as real ``.npy`` artefacts plus their dataset records, then times, in the same
-run and on the same warm page cache, ``tar -cf`` of those files and ``write_bucket_shards``. Our writer
-also hashes every shard (for the index) and by default fsyncs it before the rename; tar does neither,
+T5 (77, 1024) float16) as real ``.npy`` artefacts with their sidecars' proofs, plus their dataset
+records, then times, in the same run and on the same warm page cache, ``tar -cf`` of those files and
+``write_bucket_shards``. Our writer
+also hashes every shard (for the index), checks each array against its sidecar's proof (a stat; the
+sha256 only for a file that moved) and by default fsyncs each shard before the rename; tar does none,
 so tar is also timed followed by ``sync`` of its archive (like for like), and ours with fsync=False.
 
     .venv/bin/python bench/shards.py --samples 2000
@@ -24,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from photoset_dagster.core.atomic import save_npy_atomic  # noqa: E402
+from photoset_dagster.core.artefacts import sha256_file  # noqa: E402
+from photoset_dagster.core.atomic import atomic_write_json, save_npy_atomic  # noqa: E402
 from photoset_dagster.core.layout import DataLayout  # noqa: E402
 from photoset_dagster.core.shards import ShardOptions, write_bucket_shards  # noqa: E402
 
@@ -45,9 +48,15 @@ def synthesise(layout: DataLayout, samples: int) -> list[dict]:
     records = []
     for n in range(samples):
         image_id = f"img{n:07d}"
+        proofs = {}
         for kind, array in base.items():
             array.flat[0] = n  # distinct content, no per-sample random generation cost
-            save_npy_atomic(layout.npy_path(kind, image_id), array, fsync=False)
+            path = layout.npy_path(kind, image_id)
+            save_npy_atomic(path, array, fsync=False)
+            proofs[kind] = sha256_file(path)  # what the dataset record carries
+            stat = path.stat()  # and the sidecar's proof of those bytes (the rest of a sidecar is not read here)
+            atomic_write_json(layout.json_path(kind, image_id), {
+                "npy_sha256": proofs[kind], "npy_size": stat.st_size, "npy_mtime_ns": stat.st_mtime_ns}, fsync=False)
         tokens = 5 + n % 60
         records.append({
             "image_id": image_id,
@@ -61,6 +70,7 @@ def synthesise(layout: DataLayout, samples: int) -> list[dict]:
             "raw_sha256": f"{n:064x}",
             "recipes": recipes,
             "t5_max_length": T5_TOKENS,
+            "npy_sha256": proofs,
         })
     return records
 

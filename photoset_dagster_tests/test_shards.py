@@ -208,3 +208,16 @@ def test_malformed_dataset_lines_are_skipped_and_counted(layout, images):
     records = read_dataset_records(layout)
 
     assert len(records) == 7 and records.malformed_lines == [8]
+
+
+def test_an_array_replaced_after_the_dataset_was_built_never_reaches_a_shard(layout, images):
+    records = read_dataset_records(layout)
+    path = layout.npy_path("vae_latents", "sq2")
+    replaced = np.load(path) + np.float16(1)  # same shape and size, other bytes, a new mtime
+    np.save(path, replaced)
+
+    with pytest.raises(ShardError, match="sq2: its vae.npy is no longer the array its sidecar proves"):
+        write_bucket_shards(layout, BUCKET, records, ShardOptions(shard_size=2))
+    # The shard that would have held it was never renamed into place, and no index describes the run.
+    assert all("sq2" not in _sample_ids(shard) for shard in layout.bucket_shard_dir(BUCKET).glob("*.tar"))
+    assert not (layout.bucket_shard_dir(BUCKET) / "index.json").exists()
