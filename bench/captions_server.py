@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Captions at server speed: photoset's captioner against a loopback server that batches like vLLM.
+"""Captions at server speed: photoset's captions stage against a loopback server that batches like vLLM.
 
 The server (photoset_dagster.demo.caption_server) decodes every request in flight together under a
 tokens/s ceiling, as vLLM does on a GPU. A client that keeps too few requests in flight, or waits for
@@ -18,7 +18,7 @@ import io
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +27,48 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from photoset_dagster.core.buckets import assign_bucket  # noqa: E402
-from photoset_dagster.core.images import decode_image, model_input  # noqa: E402
+from photoset_dagster.core.layout import DataLayout  # noqa: E402
+from photoset_dagster.core.links import ensure_approved_link  # noqa: E402
 from photoset_dagster.demo.caption_server import ContinuousBatchingServer, EngineModel  # noqa: E402
-from photoset_dagster.models.captioner import CaptionError, CaptionSettings  # noqa: E402
+from photoset_dagster.models.captioner import CaptionSettings  # noqa: E402
+from photoset_dagster.stages.base import CAPTIONS, Outcome  # noqa: E402
+from photoset_dagster.stages.captions import CaptionsStage  # noqa: E402
+from photoset_dagster.stages.pipeline import ModelWork, run_pipeline  # noqa: E402
 
 TARGET = 0.90
 DISTINCT_PHOTOS = 40  # generated once each, then cycled: encoding 400 photos would take longer than the run
 
 
-def caption_photos(photos: Sequence[Path], settings: CaptionSettings) -> dict[str, Any]:
-    """The system under test: photoset captions ``photos`` through ``settings``' backend, each decoded
-    and bucket-cropped as the captions stage does; returns the captioner's stats and the failures.
-
-    Everything else in this script measures around it (it is the place to switch to the stage runner
-    or the CLI)."""
+def caption_photos(layout: DataLayout, ids: Sequence[str], settings: CaptionSettings) -> dict[str, Any]:
+    """The system under test: photoset's captions stage over ``ids`` (facts first), as a run does it:
+    decode and bucket-crop in worker threads ahead of the captioner, stream requests, write each
+    caption artefact atomically. Returns the captioner's stats and the failures."""
     captioner = settings.load()
-
-    def images() -> Iterator[tuple[int, Image.Image]]:
-        for index, path in enumerate(photos):
-            image = decode_image(path)
-            yield index, model_input(image, assign_bucket(image.width, image.height))
-
-    results = captioner.caption_stream(images())
-    failures = {key: str(result) for key, result in results if isinstance(result, CaptionError)}
+    work = ModelWork(CaptionsStage(layout, settings), lambda: captioner)
+    failures = {}
+    for item in run_pipeline(layout, [CAPTIONS], ids, models={CAPTIONS: work}):
+        if isinstance(item, Outcome) and not item.ok:
+            failures[item.image_id] = item.reason
     return {**captioner.stats(), "failures": failures}
 
 
-def make_photos(folder: Path, count: int, size: int) -> list[Path]:
-    """``count`` paths to square JPEGs (smooth content like a photo, quality 90) at a bucket's size."""
-    paths = []
+def make_photos(layout: DataLayout, count: int, size: int) -> list[str]:
+    """``count`` synced square JPEGs (smooth content like a photo, quality 90) at a bucket's size; the
+    same bytes repeat every DISTINCT_PHOTOS (encoding them all would take longer than the run)."""
+    layout.ensure_dirs()
+    bodies = []
     for index in range(DISTINCT_PHOTOS):
         small = Image.fromarray(np.random.default_rng(index).integers(0, 256, (12, 12, 3), dtype=np.uint8))
         buffer = io.BytesIO()
         small.resize((size, size), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
-        path = folder / f"photo{index:03d}.jpg"
-        path.write_bytes(buffer.getvalue())
-        paths.append(path)
-    return [paths[index % DISTINCT_PHOTOS] for index in range(count)]
+        bodies.append(buffer.getvalue())
+    ids = []
+    for index in range(count):
+        image_id = f"photo{index:05d}"
+        layout.raw_path(image_id).write_bytes(bodies[index % DISTINCT_PHOTOS])
+        ensure_approved_link(layout, image_id, "jpg")
+        ids.append(image_id)
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = dataclasses.replace(engine, ceiling_tokens_per_s=args.ceiling)
 
     with tempfile.TemporaryDirectory() as folder, ContinuousBatchingServer(engine) as server:
-        photos = make_photos(Path(folder), args.images, args.size)
+        layout = DataLayout(Path(folder))
+        ids = make_photos(layout, args.images, args.size)
         settings = CaptionSettings(backend="openai", openai_base_url=server.url, concurrency=args.concurrency)
         print(
             f"server: ceiling {engine.ceiling_tokens_per_s:g} tokens/s, step {engine.step_s * 1000:g} ms "
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         started = time.perf_counter()
-        stats = caption_photos(photos, settings)
+        stats = caption_photos(layout, ids, settings)
         seconds = time.perf_counter() - started
         served = server.stats()
 

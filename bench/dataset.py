@@ -1,8 +1,9 @@
 """Dataset JSONL builder at scale: a cold build, an unchanged rebuild, and an incremental one.
 
 Synthesises N ready images (facts, captions and the three sidecars shaped exactly like the pipeline's,
-with seed-length captions and 77-token masks; the ``.npy`` files are empty placeholders because the
-builder only checks that they exist), then times ``build_dataset_jsonl``: cold (no cache), unchanged,
+with seed-length captions and 77-token masks; the raw files and ``.npy`` files are empty placeholders
+whose size and mtime the records prove, because the builder checks each file with one stat and reads
+none of them), then times ``build_dataset_jsonl``: cold (no cache), unchanged,
 after re-captioning ``--changed`` images (new caption + T5 sidecar, written by atomic rename), and
 unchanged again right after that change and once the changed folders have settled.
 
@@ -12,6 +13,7 @@ unchanged again right after that change and once the changed folders have settle
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -57,6 +59,20 @@ def _provenance(image_id: str, kind: str, inputs: dict) -> dict:
             "inputs": inputs, "created_at": "2026-01-01T00:00:00+00:00"}
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _empty_file(path: Path) -> os.stat_result:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    return os.stat(path)
+
+
+def _npy_proof(layout: DataLayout, kind: str, image_id: str) -> dict:
+    """The proof a sidecar carries of its (here empty) ``.npy``, as write_npy_artefact records it."""
+    stat = os.stat(layout.npy_path(kind, image_id))
+    return {"npy_size": stat.st_size, "npy_mtime_ns": stat.st_mtime_ns, "npy_sha256": EMPTY_SHA256}
+
+
 def write_caption_and_t5(layout: DataLayout, image_id: str, raw_sha256: str, caption: str, atomic: bool) -> None:
     tokens = 20 + len(caption) % 50
     mask = [1] * tokens + [0] * (T5_ROWS - tokens)
@@ -64,7 +80,8 @@ def write_caption_and_t5(layout: DataLayout, image_id: str, raw_sha256: str, cap
         **_provenance(image_id, "captions", {"raw_sha256": raw_sha256}), "caption": caption, "backend": "ollama"
     }
     t5_record = {**_provenance(image_id, "t5_hidden", {"caption_sha256": text_hash(caption)}),
-                 "shape": [T5_ROWS, 1024], "dtype": "float16", "attention_mask": mask, "token_count": tokens}
+                 "shape": [T5_ROWS, 1024], "dtype": "float16", "attention_mask": mask, "token_count": tokens,
+                 **_npy_proof(layout, "t5_hidden", image_id)}
     if atomic:  # as the pipeline does: a new inode, so the builder's cache sees the change
         atomic_write_json(layout.json_path("captions", image_id), caption_record, fsync=False)
         atomic_write_json(layout.json_path("t5_hidden", image_id), t5_record, fsync=False)
@@ -79,30 +96,31 @@ def synthesise(layout: DataLayout, images: int) -> list[str]:
         bucket = BUCKET_NAMES[n % len(BUCKET_NAMES)]
         width, height = parse_bucket(bucket)
         raw_sha256 = f"{n:064x}"
+        raw = _empty_file(layout.raw_path(image_id))
+        for kind in NPY_KINDS:
+            _empty_file(layout.npy_path(kind, image_id))
         _write(layout.json_path("facts", image_id), {
             "image_id": image_id, "kind": "facts", "ext": "jpg", "width": width, "height": height,
-            "aspect_bucket": bucket, "format": "JPEG", "mode": "RGB", "frames": 1, "raw_size": 1_000_000 + n,
-            "raw_mtime_ns": 1_700_000_000_000_000_000 + n, "inputs": {"raw_sha256": raw_sha256},
+            "aspect_bucket": bucket, "format": "JPEG", "mode": "RGB", "frames": 1, "raw_size": raw.st_size,
+            "raw_mtime_ns": raw.st_mtime_ns, "raw_inode": raw.st_ino, "inputs": {"raw_sha256": raw_sha256},
             "created_at": "2026-01-01T00:00:00+00:00",
         })
         write_caption_and_t5(layout, image_id, raw_sha256, CAPTION.format(n=n), atomic=False)
         _write(layout.json_path("dinov3", image_id), {
             **_provenance(image_id, "dinov3", {"raw_sha256": raw_sha256}), "shape": [1024], "dtype": "float32",
-            "patches": True,
+            "patches": True, **_npy_proof(layout, "dinov3", image_id),
         })
         _write(layout.json_path("vae_latents", image_id), {
             **_provenance(image_id, "vae_latents", {"raw_sha256": raw_sha256}),
             "shape": [16, height // 8, width // 8], "dtype": "float16", "input_size": [width, height],
+            **_npy_proof(layout, "vae_latents", image_id),
         })
-        for kind in NPY_KINDS:
-            os.close(os.open(layout.npy_path(kind, image_id), os.O_WRONLY | os.O_CREAT, 0o644))
     return ids
 
 
 def timed_build(layout: DataLayout, ids: list[str], label: str) -> None:
-    hashes = {kind: recipe.hash for kind, recipe in RECIPES.items()}
     started, cpu_started = time.perf_counter(), time.process_time()
-    report = build_dataset_jsonl(layout, ids, hashes)
+    report = build_dataset_jsonl(layout, ids, RECIPES)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     print(f"{label:<32} {seconds:6.2f}s wall {cpu:6.2f}s cpu  records={report.records} "
           f"files_read={report.files_read} not_ready={sum(report.not_ready.values())} "
@@ -124,7 +142,7 @@ def main() -> None:
         started = time.perf_counter()
         ids = synthesise(layout, args.images)
         os.sync()
-        print(f"synthesised {args.images} images ({args.images * 8} files) in {time.perf_counter() - started:.1f}s")
+        print(f"synthesised {args.images} images ({args.images * (1 + len(NPY_KINDS) + 5)} files) in {time.perf_counter() - started:.1f}s")
 
         # The builder trusts a folder's mtime only once it is 2 s old (see core.dataset._SETTLE_NS): let the
         # synthesis settle, as the passes would have finished a while before a rebuild.
