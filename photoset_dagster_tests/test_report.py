@@ -118,7 +118,7 @@ def test_the_report_has_every_section_and_escapes_untrusted_text(layout: DataLay
     )
     path = default_report_path(layout)
     assert summary.path == path == layout.reports_dir / "dataset_report.html"
-    assert (summary.images, summary.failures, summary.clusters, summary.bytes) == (4, 2, 1, path.stat().st_size)
+    assert (summary.images, summary.failures, summary.clusters, summary.bytes) == (4, 1, 1, path.stat().st_size)
     text = path.read_text(encoding="utf-8")
     parsed = parse(path)
 
@@ -135,8 +135,10 @@ def test_the_report_has_every_section_and_escapes_untrusted_text(layout: DataLay
 
     data = report_data(parsed)  # the blob round-trips every string exactly
     assert data["images"][0][2] == INJECTION
-    assert [row[0] for row in data["failures"]] == ["broken", "broken"]
+    # One row per image: where it failed and why, then the stages skipped because of it.
+    assert [row[0] for row in data["failures"]] == ["broken"]
     assert data["failures"][0][1:4] == ["image_facts", "cannot decode broken: <script>alert(1)</script>", 0]
+    assert data["failures"][0][6] == ["captions"]
     assert data["clusters"][0][0] == "dup-1" and [m[0] for m in data["clusters"][0][4]] == ["a", "b"]
     assert data["thumbnails"] == "../derived/thumbnails/"
     assert "50.0% of captions (2 of 4) are truncated at t5_max_length 77" in text
@@ -168,7 +170,7 @@ def test_build_report_reads_the_layout(layout: DataLayout):
     write_clusters(near_duplicates_path(layout), [exact])
     summary = build_report(layout, {"dinov3": {"model": "tiny"}}, {"dinov3": 0}, "a note")
     assert (summary.images, summary.failures, summary.clusters) == (2, 1, 1)
-    assert summary.summary_lines()[0].startswith("report: 2 images (0 with thumbnails), 1 failures, 1 duplicate")
+    assert summary.summary_lines()[0].startswith("report: 2 images (0 with thumbnails), 1 failed images, 1 duplicate")
     data = report_data(parse(summary.path))
     assert data["failures"][0][:3] == ["broken", "image_facts", "cannot decode broken"]
 

@@ -61,7 +61,7 @@ class ReportSummary:
 
     def summary_lines(self) -> list[str]:
         return [
-            f"report: {self.images} images ({self.thumbnails} with thumbnails), {self.failures} failures, "
+            f"report: {self.images} images ({self.thumbnails} with thumbnails), {self.failures} failed images, "
             f"{self.clusters} duplicate clusters -> {self.path} ({self.bytes / 1e6:.1f} MB) in {self.seconds:.1f}s"
         ]
 
@@ -156,8 +156,8 @@ def _blob(
                 for image in images
             ],
             "failures": [
-                [f.image_id, f.stage, f.reason, int(f.upstream), f.at, int(f.image_id in thumbnails)]
-                for f in failures
+                [f.image_id, f.stage, f.reason, int(f.upstream), f.at, int(f.image_id in thumbnails), list(skipped)]
+                for f, skipped in failures
             ],
             "clusters": [
                 [
@@ -288,7 +288,7 @@ def _content(
     stale: Mapping[str, int] | None,
 ) -> str:
     e = html.escape
-    failed_images = len({f.image_id for f in failures if not f.upstream})
+    failed_images = len(failures)
     duplicates = sum(len(cluster.members) for cluster in clusters)
     truncated = sum(image.truncated for image in images)
     stale_total = sum(stale.values()) if stale else 0
@@ -301,8 +301,10 @@ def _content(
         ("stale artefacts", stale_total if stale is not None else "-"),
     ]
     by_stage: dict[str, list[int]] = {}
-    for f in failures:
+    for f, skipped in failures:
         by_stage.setdefault(f.stage, [0, 0])[int(f.upstream)] += 1
+        for stage in skipped:
+            by_stage.setdefault(stage, [0, 0])[1] += 1
     kinds = Counter(cluster.kind for cluster in clusters)
     recipe_text = json.dumps(recipe, indent=2, sort_keys=True, ensure_ascii=False, default=str) if recipe else ""
     return "".join(
@@ -338,6 +340,21 @@ def _content(
     )
 
 
+def _by_image(failures: Iterable[Failure]) -> list[tuple[Failure, tuple[str, ...]]]:
+    """One row per image: the failure that stopped it (the earliest direct one; a skip when the ledger
+    holds no direct failure) and the stages skipped because of it, in the order they ran. Images that
+    failed directly first, then by stage and id."""
+    by_image: dict[str, list[Failure]] = {}
+    for failure in failures:
+        by_image.setdefault(failure.image_id, []).append(failure)
+    rows = []
+    for entries in by_image.values():
+        entries.sort(key=lambda f: f.at or "")
+        cause = next((f for f in entries if not f.upstream), entries[0])
+        rows.append((cause, tuple(f.stage for f in entries if f.upstream and f is not cause)))
+    return sorted(rows, key=lambda row: (row[0].upstream, row[0].stage, row[0].image_id))
+
+
 def render_report(
     layout: DataLayout,
     records: Iterable[Mapping[str, Any]],
@@ -362,8 +379,7 @@ def render_report(
     output = Path(output) if output is not None else default_report_path(layout)
     images = _images(records)
     buckets = _bucket_order(images)
-    # Direct failures first (the reason is there), then the images skipped because of them.
-    failures = sorted(failures, key=lambda f: (f.upstream, f.stage, f.image_id))
+    failures = _by_image(failures)
     clusters = list(clusters)
     thumbnails = _thumbnail_ids(layout)
     with_thumbnails = sum(image.image_id in thumbnails for image in images)
