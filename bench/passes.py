@@ -2,7 +2,7 @@
 (the user's `dagster asset materialize --partition-range`, on photoset's default SQLite instance in a
 fresh DAGSTER_HOME) against the same stages driven by a plain loop, in the same process.
 
-    python bench/passes.py [--images 500] [--size 256]
+    python bench/passes.py [--images 300] [--size 256] [--repeats 3]
 
 Both sides start from fresh copies of the same synced photos (``--size`` px on the long side, seven aspect
 ratios), use the same tiny random-weight models of the real classes on the CPU and load each model
@@ -112,9 +112,9 @@ def dagster_run(resources: dict, ids: list[str], home: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--size", type=int, default=256, help="long side of the photos, px")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each side")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

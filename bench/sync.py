@@ -11,8 +11,10 @@ process, so start-up and bookkeeping count:
 - ``photoset sync``: pages the list, downloads, detects types, links approved/, records one
   materialization per image in a fresh DAGSTER_HOME;
 - img2dataset 1.47 (``--processes_count 2 --thread_count 32 --resize_mode no --output_format
-  files``), installed in a venv of its own on first use (``--peer-venv``). It is handed the URL list
-  ready-made: it does not page the list, which flatters it slightly;
+  files``), installed in a venv of its own on first use (``--peer-venv``): as configured, it decodes
+  and re-encodes every JPEG; "img2dataset raw" adds ``--disable_all_reencoding True`` and stores the
+  bytes as downloaded, like photoset (its fastest setting). It is handed the URL list ready-made: it
+  does not page the list, which flatters it slightly;
 - a loop that does one request at a time, like the seed's script.
 
 Runs alternate between contenders; the table shows each one's median and its throughput relative
@@ -135,18 +137,21 @@ def peer_venv(path: Path) -> Path:
     return path
 
 
-def run_img2dataset(venv: Path, urls: list[str], root: Path) -> None:
+def run_img2dataset(venv: Path, urls: list[str], root: Path, *, reencode: bool) -> None:
+    """``reencode``: img2dataset's default with ``resize_mode=no`` (decode, then re-encode each JPEG);
+    without, ``--disable_all_reencoding``: the bytes stored as downloaded, as photoset stores them."""
     url_list = root.with_suffix(".txt")
     url_list.write_text("\n".join(urls) + "\n")
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     quiet([str(venv / "bin" / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
            "--output_folder", str(root), "--output_format", "files", "--processes_count", "2",
-           "--thread_count", "32", "--resize_mode", "no", "--enable_wandb", "False"], env=env)
+           "--thread_count", "32", "--resize_mode", "no", "--enable_wandb", "False",
+           *([] if reencode else ["--disable_all_reencoding", "True"])], env=env)
 
 
 def stored(name: str, root: Path) -> int:
     """Photos a finished run stored: links for the loop and photoset, img2dataset's own count."""
-    if name == "img2dataset":
+    if name.startswith("img2dataset"):
         return sum(json.loads(stats.read_text())["successes"] for stats in root.glob("*_stats.json"))
     return len(os.listdir(root / "approved"))
 
@@ -164,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = photo_folder(args.photos, args.kib)
     total_mb = sum(path.stat().st_size for path in folder.glob("*.jpg")) / 1e6
     venv = None if args.no_peer else peer_venv(args.peer_venv)
-    contenders = ["photoset sync", "sequential loop"] if venv is None else ["photoset sync", "img2dataset", "sequential loop"]
+    contenders = ["photoset sync", "sequential loop"]
+    if venv is not None:
+        contenders[1:1] = ["img2dataset", "img2dataset raw"]
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
     ready, stop = context.SimpleQueue(), context.Event()
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
               flush=True)
         runs = {
             "photoset sync": lambda root: run_photoset(photos_url, root),
-            "img2dataset": lambda root: run_img2dataset(venv, urls, root),
+            "img2dataset": lambda root: run_img2dataset(venv, urls, root, reencode=True),
+            "img2dataset raw": lambda root: run_img2dataset(venv, urls, root, reencode=False),
             "sequential loop": lambda root: sequential_loop(photos_url, root),
         }
         with tempfile.TemporaryDirectory() as scratch:
@@ -199,12 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         server.join()
 
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    peers = [name for name in medians if name.startswith("img2dataset")]
     print(f"\n{'contender':<18}{'median s':>9}{'photos/s':>10}{'MB/s':>8}"
-          + ("  vs img2dataset" if "img2dataset" in medians else "") + "  vs loop")
+          + "".join(f"{'vs ' + peer:>20}" for peer in peers) + "  vs loop")
     for name, median in medians.items():
         line = f"{name:<18}{median:9.2f}{args.photos / median:10.0f}{total_mb / median:8.1f}"
-        if "img2dataset" in medians:
-            line += f"{medians['img2dataset'] / median:15.2f}x"
+        line += "".join(f"{medians[peer] / median:19.2f}x" for peer in peers)
         print(line + f"{medians['sequential loop'] / median:8.2f}x")
 
 
