@@ -13,6 +13,7 @@ from PIL import Image
 
 from photoset_dagster.demo.caption_server import ChatRequest, ContinuousBatchingServer, EngineModel, Scripted
 from photoset_dagster.models.captioner import ENCODE_AHEAD, CaptionError, CaptionSettings, jpeg_base64
+from photoset_dagster_tests.fixtures_dagster import build_defs, materialize_range
 
 KEY = "sk-test-5f2e9c0d"
 # Short captions at 200 tokens/s alone: a request takes ~50 ms, so a test of dozens takes well under a second.
@@ -204,3 +205,21 @@ def test_server_shares_its_token_ceiling_across_requests() -> None:
     assert min(together) >= 0.5 and alone[0] < 0.25
     assert served.max_running == 32 and served.completion_tokens == 320
     assert served.tokens_per_s <= 1.01 * 600
+
+
+def test_a_run_reports_the_rate_and_the_in_flight_depth_it_reached(photoset_env, photo_site, instance) -> None:
+    ids = photo_site.add_images(6)
+    photo_site.publish(ids)
+    with ContinuousBatchingServer(FAST) as server:
+        env = {**photoset_env, "PHOTOSET_CAPTION_BACKEND": "openai", "PHOTOSET_OPENAI_BASE_URL": server.url,
+               "PHOTOSET_CAPTION_CONCURRENCY": "4"}
+        defs = build_defs(env)
+        assert defs.resolve_job_def("refresh_photo_list_job").execute_in_process(instance=instance).success
+        result = materialize_range(defs, instance, ["approved_links", "image_facts", "captions"], ids[0], ids[-1])
+
+    assert result.success
+    (figures,) = [o.metadata for o in result.asset_observations_for_node("image_pipeline")
+                  if o.asset_key.to_user_string() == "captions"]
+    assert figures["run_done"].value == len(ids)
+    assert figures["run_tokens_per_s"].value > 0
+    assert 1 <= figures["run_max_in_flight"].value <= 4

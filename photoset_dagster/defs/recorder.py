@@ -109,8 +109,9 @@ class RunSummary:
             "images": self.images,
             "failed_images": len(self.failed),
             "stages": markdown_table(
-                ("stage", "done", "current", "failed or skipped", "seconds", "images/s"),
-                [(s.stage, s.done, s.current, len(s.failed), f"{s.seconds:.1f}", f"{s.rate:.2f}") for s in self.stages],
+                ("stage", "done", "current", "failed or skipped", "seconds", "images/s", "figures"),
+                [(s.stage, s.done, s.current, len(s.failed), f"{s.seconds:.1f}", f"{s.rate:.2f}",
+                  ", ".join(f"{name} {value}" for name, value in s.stats.items())) for s in self.stages],
             ),
             "failures": markdown_table(
                 ("image_id", "stage", "reason"),
