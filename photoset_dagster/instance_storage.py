@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -49,6 +51,7 @@ from watchdog.observers import Observer
 # Open databases kept at once: the index, and the shards of the runs writing now.
 MAX_OPEN_SHARDS = 16
 BATCHED_EVENTS = ASSET_EVENTS | {DagsterEventType.ASSET_CHECK_EVALUATION}
+log = logging.getLogger(__name__)
 
 
 def _last_per_asset_and_type(stored: Sequence[tuple[EventLogEntry, int]]) -> list[tuple[EventLogEntry, int]]:
@@ -63,12 +66,11 @@ def _last_per_asset_and_type(stored: Sequence[tuple[EventLogEntry, int]]) -> lis
 
 class BatchedEventWrites:
     """What both photoset event logs add to Dagster's: a batch of asset events and check evaluations is
-    written with one multi-row insert and its index work on one connection, and the schema questions
-    Dagster asks on every event are answered from memory once answered yes (tables and columns only
-    ever appear, at a migration)."""
+    written with its index work in one transaction on one connection, and the schema questions Dagster
+    asks on every event are answered from memory once answered yes (tables and columns only ever
+    appear, at a migration)."""
 
-    batches_check_evaluations = True  # the recorder asks: Dagster's own storages reject them in a batch
-    _batch_index: Connection | None = None  # the index connection of the batch being stored
+    batches_check_evaluations = True  # the recorder asks: Dagster's Postgres storage rejects them in a batch
     _asset_key_index_cols = False
 
     def has_table(self, table_name: str) -> bool:
@@ -82,29 +84,56 @@ class BatchedEventWrites:
             self._asset_key_index_cols = super()._has_asset_key_index_cols_on_connection(conn)
         return self._asset_key_index_cols
 
+    @property
+    def _batch(self) -> threading.local:
+        """The index connection of the batch this thread is storing (``connection``), if any: per thread,
+        so a slot claim on another thread never runs inside (or commits) someone else's batch."""
+        return vars(self).setdefault("_batch_state", threading.local())
+
     def index_connection(self) -> Any:
-        if self._batch_index is not None:  # Dagster's check bookkeeping, inside a batch: the batch's
-            return contextlib.nullcontext(self._batch_index)
+        batch_connection = getattr(self._batch, "connection", None)
+        if batch_connection is not None:  # Dagster's check bookkeeping, inside this thread's batch
+            return contextlib.nullcontext(batch_connection)
         return super().index_connection()
 
+    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+        """Runs of batchable events in one transaction each, everything else as Dagster stores it, in
+        the order given. Never raises after writing part of ``events``: Dagster answers a raise by storing
+        every event again, one by one, which would duplicate what was written."""
+        for batchable, segment in itertools.groupby(events, key=_batchable):
+            if not batchable:
+                for entry in segment:
+                    self.store_event(entry)
+                continue
+            for _run_id, group in itertools.groupby(segment, key=lambda entry: entry.run_id):
+                entries = list(group)
+                try:
+                    self._store_batched(entries)
+                except Exception as error:  # rolled back, nothing of it stored: Dagster's own way, one by one
+                    log.warning("storing %d events in one batch failed (%s); storing them one by one",
+                                len(entries), error)
+                    for entry in entries:
+                        self.store_event(entry)
+
+    def _store_batched(self, entries: Sequence[EventLogEntry]) -> None:
+        """Store one run's batchable events atomically, or raise having stored none of them."""
+        raise NotImplementedError
+
     def _index_batch(self, conn: Connection, entries: Sequence[EventLogEntry], rows: Sequence[dict[str, Any]]) -> None:
-        """Insert ``rows`` (the serialized ``entries``) into the index's event table in one statement, then
-        their index rows: asset tags and asset rows, check executions."""
-        inserted = conn.execute(
-            SqlEventLogStorageTable.insert().returning(SqlEventLogStorageTable.c.id, sort_by_parameter_order=True),
-            rows)
-        stored = list(zip(entries, inserted.scalars(), (row["event"] for row in rows)))
+        """Insert ``rows`` (the serialized ``entries``) into the index's event table, then their index
+        rows: asset tags and asset rows, check executions."""
+        stored = list(zip(entries, _insert_returning_ids(conn, rows), (row["event"] for row in rows), strict=True))
         assets = [(entry, event_id) for entry, event_id, _ in stored if entry.dagster_event_type in ASSET_EVENTS]
         self._store_asset_event_tags(conn, [entry for entry, _ in assets], [event_id for _, event_id in assets])
         for entry, event_id in _last_per_asset_and_type(assets):
             self._store_asset_event(conn, entry, event_id)
         checks = [item for item in stored if item[0].dagster_event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
         if checks:
-            self._batch_index = conn
+            self._batch.connection = conn
             try:
                 self._store_check_evaluations(conn, checks)
             finally:
-                self._batch_index = None
+                self._batch.connection = None
 
     def _store_check_evaluations(self, conn: Connection, checks: Sequence[tuple[EventLogEntry, int, str]]) -> None:
         """Dagster's ``_update_asset_check_evaluation`` for a batch: one UPDATE of the rows the run's
@@ -134,7 +163,11 @@ class BatchedEventWrites:
                                      if evaluation.target_materialization_data else None),
         } for (entry, event_id, serialized), evaluation in zip(checks, evaluations)])
         # rowcount of an executemany is not reliable on every driver: count what now points at the batch
+        # (the key columns first, so the count is a lookup in the table's unique index, not a scan)
         updated = conn.execute(select(func.count()).select_from(table).where(
+            table.c.asset_key.in_({evaluation.asset_key.to_string() for evaluation in evaluations}),
+            table.c.check_name.in_({evaluation.check_name for evaluation in evaluations}),
+            table.c.run_id.in_({entry.run_id for entry, _, _ in checks}),
             table.c.evaluation_event_storage_id.in_([event_id for _, event_id, _ in checks]))).scalar_one()
         if updated != len(checks):
             for entry, event_id, _ in checks:
@@ -155,11 +188,17 @@ class BatchedEventWrites:
             conn.execute(AssetCheckExecutionsTable.insert(), [{**shared, "partition": key} for key in partition_keys])
 
 
-def _split_batch(events: Sequence[EventLogEntry]) -> tuple[list[EventLogEntry], list[EventLogEntry]]:
-    """(events written in bulk, the rest: check-planned events and the like, stored as Dagster does)."""
-    batched = [e for e in events if e.is_dagster_event and e.dagster_event_type in BATCHED_EVENTS]
-    rest = [e for e in events if not (e.is_dagster_event and e.dagster_event_type in BATCHED_EVENTS)]
-    return batched, rest
+def _batchable(entry: EventLogEntry) -> bool:
+    return entry.is_dagster_event and entry.dagster_event_type in BATCHED_EVENTS
+
+
+def _insert_returning_ids(conn: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert event rows, returning their ids in row order: in one statement where the database can say
+    which id went to which row, else row by row (SQLite before 3.35 has no RETURNING)."""
+    if conn.dialect.insert_executemany_returning_sort_by_parameter_order:
+        return list(conn.execute(SqlEventLogStorageTable.insert().returning(
+            SqlEventLogStorageTable.c.id, sort_by_parameter_order=True), rows).scalars())
+    return [conn.execute(SqlEventLogStorageTable.insert(), row).inserted_primary_key[0] for row in rows]
 
 
 class PhotosetSqliteEventLogStorage(BatchedEventWrites, SqliteEventLogStorage):
@@ -202,19 +241,20 @@ class PhotosetSqliteEventLogStorage(BatchedEventWrites, SqliteEventLogStorage):
                 with conn.begin():
                     yield conn
 
-    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
+    def _store_batched(self, entries: Sequence[EventLogEntry]) -> None:
         """One transaction per database (Dagster's SQLite storage writes event by event, two or three
-        commits each); the run's shard and the index get the same serialized rows."""
-        batched, rest = _split_batch(events)
-        for entry in rest:
-            self.store_event(entry)
-        for run_id, group in itertools.groupby(batched, key=lambda entry: entry.run_id):
-            entries = list(group)
-            rows = [self._event_to_row(entry) for entry in entries]
-            with self.run_connection(run_id) as conn:
+        commits each); the index and the run's shard get the same serialized rows. The index first: it
+        is the database other processes write too, so the one a batch can fail on (locked); the run's
+        shard takes one plain insert after it."""
+        rows = [self._event_to_row(entry) for entry in entries]
+        with self.index_transaction() as conn:
+            self._index_batch(conn, entries, rows)
+        try:
+            with self.run_connection(entries[0].run_id) as conn:
                 conn.execute(SqlEventLogStorageTable.insert(), rows)
-            with self.index_transaction() as conn:
-                self._index_batch(conn, entries, rows)
+        except Exception as error:  # the index, which every status question reads, has them: storing them
+            # again would count each twice, so the run's own log goes without them and says so
+            log.error("the run log of %s misses %d events: %s", entries[0].run_id, len(rows), error)
 
     def watch(self, run_id: str, cursor: str | None, callback: Any) -> None:
         """Dagster's watcher follows the run's ``.db`` file, which a WAL database only touches at a
@@ -272,10 +312,6 @@ class PhotosetPostgresEventLogStorage(BatchedEventWrites, PostgresEventLogStorag
                    should_autocreate_tables=config_value.get("should_autocreate_tables", True),
                    token_provider=get_token_provider_from_config(config_value))
 
-    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
-        batched, rest = _split_batch(events)
-        for entry in rest:
-            self.store_event(entry)
-        if batched:
-            with self._connect() as conn:
-                self._index_batch(conn, batched, [self._event_to_row(entry) for entry in batched])
+    def _store_batched(self, entries: Sequence[EventLogEntry]) -> None:
+        with self.index_transaction() as conn:
+            self._index_batch(conn, entries, [self._event_to_row(entry) for entry in entries])

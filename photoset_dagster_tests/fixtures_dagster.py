@@ -4,6 +4,7 @@ tiny models."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,12 @@ def storage_answers(instance: dg.DagsterInstance, assets: Sequence[str]) -> dict
             "asset row": (runs.get(entry.last_run_id), last is not None and last.storage_id == max(by_id)),
             "checks": checks,
         }
+    # each run's own log: every event there once (a batch stored twice, or lost, shows here)
+    answers["run logs"] = {
+        index: sorted(Counter(entry.dagster_event_type.value for entry in instance.all_logs(run_id)
+                              if entry.is_dagster_event).items())
+        for run_id, index in runs.items()
+    }
     return answers
 
 
@@ -191,5 +198,6 @@ def assert_same_answers(answers: dict, expected: dict) -> None:
     for name in STORAGE_ASSETS:
         for question, answer in expected[name].items():
             assert answers[name][question] == answer, (name, question)
+    assert answers["run logs"] == expected["run logs"]
     # and the questions were not vacuous: tag rows were found under each event's id
     assert all(stored_right for name in STORAGE_ASSETS for *_, stored_right in answers[name]["materializations"])

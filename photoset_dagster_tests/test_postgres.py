@@ -7,6 +7,7 @@ Skipped only when the PostgreSQL server binaries are missing (`apt-get install p
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,10 +123,13 @@ def test_sensor_registers_partitions_and_a_range_run_records_materializations(pg
     assert pg_instance.get_dynamic_partitions(IMAGE_ID_PARTITIONS_NAME) == added
 
 
-def test_photoset_postgres_storage_answers_like_dagsters_sqlite(pg_instance, photoset_env, photo_site, tmp_path):
+def test_photoset_postgres_storage_answers_like_dagsters_sqlite(pg_instance, photoset_env, photo_site, tmp_path,
+                                                                caplog):
     ids = publish_with_one_broken(photo_site)
     expected = stock_sqlite_answers(photoset_env, tmp_path / "stock-data", ids)
 
+    caplog.set_level(logging.WARNING, logger="photoset_dagster.instance_storage")
     record_two_runs(pg_instance, {**photoset_env, "PHOTOSET_DATA_ROOT": str(tmp_path / "pg-data")}, ids)
 
     assert_same_answers(storage_answers(pg_instance, STORAGE_ASSETS), expected)
+    assert not [r for r in caplog.records if r.name == "photoset_dagster.instance_storage"]  # every batch was written as one

@@ -156,8 +156,8 @@ class Recorder:
         self._pending: list[Outcome] = []
         self._last_flush = time.monotonic()
         self._meters: dict[str, ProgressMeter] = {}
-        # Check evaluations go in batches only to a storage that says it takes them (photoset's
-        # SQLite); Dagster's own storages reject them in a batch and fall back to one write each.
+        # Check evaluations go in batches only to a storage that says it takes them (photoset's event
+        # logs); Dagster's Postgres storage rejects them in a batch and falls back to one write each.
         self._batch_checks = bool(getattr(self.instance.event_log_storage, "batches_check_evaluations", False))
 
     # --- the stream ----------------------------------------------------------------------------
@@ -221,8 +221,9 @@ class Recorder:
             partitions = {outcome.image_id for outcome in outcomes if outcome.stage == stage}
             latest = self.instance.event_log_storage.get_latest_storage_id_by_partition(
                 key, DagsterEventType.ASSET_MATERIALIZATION, partitions)
-            records = self.instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest) or 1).records
+            records = self.instance.fetch_materializations(  # (no ids would mean no filter: fetch nothing)
+                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest)
+            ).records if latest else []
             targets = {record.partition_key: AssetCheckEvaluationTargetMaterializationData(
                 storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp) for record in records}
             for outcome in outcomes:
