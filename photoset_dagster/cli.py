@@ -215,11 +215,12 @@ def _data_root() -> str:
 
 
 def _require_data_root(what: str) -> None:
-    """Commands that only read refuse a data root that does not exist (a typo would look empty)."""
+    """Commands that read a dataset (and at most write a report about it) refuse a data root that does
+    not exist: a typo would look like an empty dataset."""
     root = _data_root()
     if not os.path.isdir(root):
-        raise CliError(f"data root {os.path.abspath(root)} does not exist ({what} only reads; check --data-root "
-                       "or photoset.data_root)")
+        raise CliError(f"data root {os.path.abspath(root)} does not exist ({what} needs an existing dataset; "
+                       "check --data-root or photoset.data_root)")
 
 
 def _user_error(error):
@@ -433,6 +434,7 @@ def cmd_migrate(args) -> int:
 def cmd_report(args) -> int:
     from .core.layout import DataLayout
 
+    _require_data_root("report")
     code = materialize(["thumbnails", "near_duplicates", "dataset_report"], args.verbose)
     if code == EXIT_OK:
         print(f"report: {DataLayout(_data_root()).reports_dir / 'dataset_report.html'}")

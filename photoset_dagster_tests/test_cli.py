@@ -228,11 +228,11 @@ def test_sync_dry_run_downloads_and_links_nothing_and_prints_the_seed_summary(cl
 
 
 @pytest.mark.parametrize("argv", [["sync", "--dry-run"], ["prune", "--dry-run"], ["verify"], ["shards", "--dry-run"],
-                                  ["migrate", "--dry-run"]])
+                                  ["migrate", "--dry-run"], ["report"]])
 def test_read_only_commands_refuse_a_data_root_that_does_not_exist(cli, ids, data_layout, argv):
     result = cli(*argv)
 
-    assert_one_error(result, 2, "does not exist", "only reads")
+    assert_one_error(result, 2, "does not exist", "check --data-root")
     assert not data_layout.root.exists()
 
 
@@ -476,6 +476,28 @@ def test_migrate_built_the_dataset_jsonl(prepared):
     assert f"dataset: {IMAGES} ready records" in err
     records = [json.loads(line) for line in prepared.layout.dataset_jsonl.read_text().splitlines()]
     assert all(r["format_version"] == 2 and "dinov3_embedding" not in r for r in records)
+
+
+def test_a_recipe_change_never_empties_the_dataset_or_the_shards_silently(prepared, cli):
+    layout = prepared.layout
+    assert cli("shards").code == 0
+    jsonl, shards = layout.dataset_jsonl.read_bytes(), data_tree(layout)
+
+    refused = cli("migrate", PHOTOSET_T5_MAX_LENGTH="512")  # another recipe: every T5 array is stale
+
+    assert_one_error(refused, 4, f"{IMAGES} of its {IMAGES} records would be dropped", "t5.max_length 77 -> 512",
+                     "--force")
+    assert layout.dataset_jsonl.read_bytes() == jsonl
+    forced = cli("migrate", "--force", PHOTOSET_T5_MAX_LENGTH="512")
+    assert forced.code == 0, forced.err
+    assert dataset_ids(layout) == []
+
+    kept = cli("shards", PHOTOSET_T5_MAX_LENGTH="512")  # the shards were written with 77: refused, named
+    assert_one_error(kept, 4, "refusing to shrink", "t5.max_length 77 -> 512")
+    assert {path: entry for path, entry in data_tree(layout).items() if "shards" in path} == {
+        path: entry for path, entry in shards.items() if "shards" in path}
+    assert cli("shards", "--force", PHOTOSET_T5_MAX_LENGTH="512").code == 0
+    assert not list(layout.shards_dir.glob("bucket_*/shard-*.tar"))
 
 
 def test_migrate_dry_run_on_a_stage1_jsonl_reports_and_changes_nothing(cli, data_layout):

@@ -66,7 +66,7 @@ def test_not_ready_images_are_counted_by_reason_never_dropped_silently(layout, d
     assert report.not_ready == {
         "missing captions": 1,
         "stale vae_latents (recipe changed)": 1,
-        "stale t5_hidden (input caption_sha256 changed)": 1,
+        "stale t5_hidden (made from another caption)": 1,
         "invalid t5_hidden": 1,
         "missing facts": 1,
         "missing dinov3 npy": 1,
@@ -75,7 +75,7 @@ def test_not_ready_images_are_counted_by_reason_never_dropped_silently(layout, d
     examples = dict(report.not_ready_examples)
     assert examples["shortmask"] == "t5_hidden: mask length 7 != hidden rows 8"
     # A changed recipe names the settings that differ, old -> new.
-    assert examples["stalevae"] == "vae_latents recipe changed (vae_latents: version v2 -> v1)"
+    assert examples["stalevae"] == "vae_latents recipe changed (flux_vae.version v2 -> v1)"
     assert set(examples) == set(ids) - {"ready"}
     assert any("missing captions: 1" in line for line in report.summary_lines())
 

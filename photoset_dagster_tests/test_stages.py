@@ -19,13 +19,14 @@ from PIL import Image
 from photoset_dagster.core import artefacts
 from photoset_dagster.core.artefacts import read_json, sha256_file, text_hash
 from photoset_dagster.core.buckets import cover_crop, parse_bucket
+from photoset_dagster.core.failures import Failure, record_failure
 from photoset_dagster.core.images import decode_image
 from photoset_dagster.core.layout import PATCHES_DIR, DataLayout
 from photoset_dagster.core.links import ensure_approved_link
 from photoset_dagster.models.captioner import CaptionSettings
 from photoset_dagster.models.common import LOAD_COUNTS
 from photoset_dagster.models.flux_vae import FluxVaeEncoder
-from photoset_dagster.stages.base import ModelStage, Outcome
+from photoset_dagster.stages.base import APPROVED_LINKS, ModelStage, Outcome
 from photoset_dagster.stages.captions import CaptionsStage
 from photoset_dagster.stages.dinov3 import Dinov3Stage
 from photoset_dagster.stages.facts import run_facts_stage
@@ -142,6 +143,18 @@ def test_facts_pass_records_reuses_and_reports_failures(layout: DataLayout) -> N
     assert updated is not None and updated["aspect_bucket"] == "704x1344"
     assert updated["inputs"]["raw_sha256"] != record["inputs"]["raw_sha256"]
     assert run_facts_pass(layout, ["tall"], force=True).done == ["tall"]
+
+
+def test_facts_of_an_image_whose_sync_failed_say_why_and_are_skipped(layout: DataLayout) -> None:
+    layout.ensure_dirs()
+    record_failure(layout, Failure("lost", APPROVED_LINKS, "download failed: HTTP 404"))
+
+    (facts,) = run_facts_stage(layout, ["lost"])
+
+    assert (facts.status, facts.reason) == ("skipped", "approved_links failed: download failed: HTTP 404")
+    add_photo(layout, "lost", (32, 32))  # synced since (a later sync would also clear the ledger entry)
+    (facts,) = run_facts_stage(layout, ["lost"])
+    assert facts.status == "done"
 
 
 # --- all artefacts at real bucket sizes -----------------------------------------------------------

@@ -92,7 +92,7 @@ def test_a_recipe_change_names_the_setting_old_to_new(layout, dataset_factory):
                          judge_image(layout, "img1", recipes)["t5_hidden"].record["inputs"])
 
     assert judgment.state == "stale"
-    assert judgment.reason == "t5_hidden recipe changed (t5_hidden: version v1 -> v2)"
+    assert judgment.reason == "t5_hidden recipe changed (t5.version v1 -> v2)"
 
 
 def test_missing_files_caption_and_bucket(layout, dataset_factory):
@@ -133,7 +133,7 @@ def test_verify_lists_by_id_and_separates_cannot_be_processed_from_not_done(layo
     assert lines[:2] == ["=== Stage 2 Data Verification ===", "verifying 6 images..."]
     assert "  missing captions for e: no caption" in lines
     assert "  cannot be processed captions for f: CaptionError: empty caption" in lines
-    assert any(line.startswith("  stale dinov3 for a: dinov3 recipe changed (dinov3: version v1 -> v2)") for line in lines)
+    assert any(line.startswith("  stale dinov3 for a: dinov3 recipe changed (dinov3.version v1 -> v2)") for line in lines)
 
 
 def test_verify_passes_when_everything_that_can_be_done_is_done_and_strict_counts_the_rest(layout, dataset_factory):

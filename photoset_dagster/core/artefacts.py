@@ -133,21 +133,26 @@ def write_json_artefact(
     return record
 
 
+# The settings-file section each artefact kind's recipe comes from: a change is named as the user writes it.
+SETTINGS_SECTIONS = {"dinov3": "dinov3", "captions": "captioner", "vae_latents": "flux_vae", "t5_hidden": "t5"}
+
+
 def recipe_change(record: Mapping[str, Any], recipe: Recipe) -> str | None:
-    """Which settings differ between the recipe a record was made with and ``recipe``, as
-    ``"kind: name old -> new"`` (None when the recipe is the same)."""
+    """Which settings differ between the recipe a record was made with and ``recipe``, each as
+    ``"section.name old -> new"`` (``t5.max_length 77 -> 512``); None when the recipe is the same."""
     if record.get("recipe_hash") == recipe.hash:
         return None
     recorded = record.get("recipe")
     if not isinstance(recorded, Mapping):
-        return f"{recipe.kind}: made with an unrecorded recipe ({record.get('recipe_hash')} -> {recipe.hash})"
+        return f"made with an unrecorded recipe ({record.get('recipe_hash')} -> {recipe.hash})"
     current = recipe.as_dict()
+    section = SETTINGS_SECTIONS.get(recipe.kind, recipe.kind)
     changes = [
-        f"{name} {_setting(recorded, name)} -> {_setting(current, name)}"
+        f"{section}.{name} {_setting(recorded, name)} -> {_setting(current, name)}"
         for name in sorted(set(recorded) | set(current))
         if recorded.get(name) != current.get(name)
     ]
-    return f"{recipe.kind}: " + ", ".join(changes or [f"recipe {record.get('recipe_hash')} -> {recipe.hash}"])
+    return ", ".join(changes or [f"recipe {record.get('recipe_hash')} -> {recipe.hash}"])
 
 
 def _setting(recipe: Mapping[str, Any], name: str) -> str:
@@ -158,14 +163,3 @@ def _setting(recipe: Mapping[str, Any], name: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def staleness(record: Mapping[str, Any] | None, recipe: Recipe | None, inputs: Mapping[str, str]) -> str | None:
-    """Why an artefact record is not current (``None`` when it is); a changed recipe names its settings."""
-    if record is None:
-        return "missing"
-    if recipe is not None and (change := recipe_change(record, recipe)):
-        return f"recipe changed ({change})"
-    recorded = record.get("inputs") or {}
-    for name, value in inputs.items():
-        if recorded.get(name) != value:
-            return f"input {name} changed"
-    return None

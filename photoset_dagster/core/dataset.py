@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artefacts import FORMAT_VERSION, Recipe, read_json, staleness, text_hash
+from .artefacts import FORMAT_VERSION, Recipe, read_json, text_hash
 from .atomic import atomic_open, atomic_write_json
 from .buckets import BUCKET_NAMES
 from .layout import NPY_KINDS, DataLayout, is_valid_image_id
 from .lock import data_lock
 from .records import is_attention_mask, iter_jsonl, jsonl_text, write_jsonl_atomic
-from .validity import sidecar_problem
+from .validity import sidecar_problem, stale_reason
 
 CURRENT_KINDS = ("captions", "dinov3", "vae_latents", "t5_hidden")
 _SCANNED_KINDS = ("facts", *CURRENT_KINDS)
@@ -123,7 +123,7 @@ class DatasetReport:
 
 
 def _summarise(kind: str, record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The fields the builder needs from one JSON record (still a valid ``staleness`` record)."""
+    """The fields the builder needs from one JSON record (still a record ``stale_reason`` can judge)."""
     if record is None:
         return None
     summary: dict[str, Any] = {"recipe_hash": record.get("recipe_hash"), "recipe": record.get("recipe"),
@@ -359,7 +359,7 @@ def _current(
         raise _NotReady(f"unreadable {kind}", f"{kind} record is not readable JSON")
     if summary.get("problem"):
         raise _NotReady(f"invalid {kind}", f"{kind}: {summary['problem']}")
-    reason = staleness(summary, recipe, inputs)
+    reason = stale_reason(summary, recipe, inputs)
     if reason is not None:
         raise _NotReady(f"stale {kind} ({reason.split(' (')[0]})", f"{kind} {reason}")
     if kind in NPY_KINDS and kind not in arrays:

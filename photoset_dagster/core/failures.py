@@ -50,6 +50,15 @@ def forget_image(layout: DataLayout, image_id: str) -> None:
         clear_failure(layout, stage, image_id)
 
 
+def read_failure(layout: DataLayout, stage: str, image_id: str) -> Failure | None:
+    """The recorded failure of ``image_id`` at ``stage``, if any."""
+    record = read_json(layout.failure_path(stage, image_id))
+    try:
+        return Failure(**record) if record is not None else None
+    except TypeError:  # an entry from another version
+        return None
+
+
 def iter_failures(layout: DataLayout, stages: Iterable[str] | None = None) -> Iterator[Failure]:
     """Every recorded failure (of ``stages``, or of all), in no particular order."""
     root = layout.failures_dir
@@ -66,13 +75,9 @@ def iter_failures(layout: DataLayout, stages: Iterable[str] | None = None) -> It
             stem, _, suffix = entry.name.rpartition(".")
             if suffix != "json" or not is_valid_image_id(stem):
                 continue
-            record = read_json(root / stage / entry.name)
-            if record is None:
-                continue
-            try:
-                yield Failure(**record)
-            except TypeError:  # an entry from another version: skip rather than fail a reader
-                continue
+            failure = read_failure(layout, stage, stem)
+            if failure is not None:
+                yield failure
 
 
 def failed_ids(layout: DataLayout, stage: str) -> set[str]:

@@ -116,7 +116,9 @@ def sidecar_problem(kind: str, sidecar: Mapping[str, Any]) -> str | None:
 # --- judging one artefact ---------------------------------------------------------------------------
 
 
-def _stale_reason(record: Mapping[str, Any], recipe: Recipe | None, inputs: Mapping[str, str]) -> str | None:
+def stale_reason(record: Mapping[str, Any], recipe: Recipe | None, inputs: Mapping[str, str]) -> str | None:
+    """Why an artefact's record is not current, or None: its recipe changed (naming each setting) or it
+    was made from other inputs."""
     if recipe is not None and (change := recipe_change(record, recipe)):
         return f"recipe changed ({change})"
     recorded = record.get("inputs") or {}
@@ -151,7 +153,7 @@ def judge_npy(
         return Judgment("missing", f"{kind} .npy missing (sidecar present)", record)
     if problem:
         return Judgment("invalid", f"{kind}: {problem}", record)
-    if stale := _stale_reason(record, recipe, inputs):
+    if stale := stale_reason(record, recipe, inputs):
         return Judgment("stale", f"{kind} {stale}", record)
     return Judgment("valid", "", record)
 
@@ -166,7 +168,7 @@ def judge_caption(
     caption = record.get("caption")
     if not (isinstance(caption, str) and caption.strip()):
         return Judgment("invalid", "caption empty", record)
-    if stale := _stale_reason(record, recipe, inputs):
+    if stale := stale_reason(record, recipe, inputs):
         return Judgment("stale", f"caption {stale}", record)
     return Judgment("valid", "", record)
 

@@ -89,6 +89,10 @@ class ImageFailure(Exception):
     """One image cannot be processed by this stage; the message is the reason."""
 
 
+class UpstreamFailed(ImageFailure):
+    """The image is skipped: a stage it needs failed for it (in an earlier run); the message says which."""
+
+
 @dataclass(frozen=True)
 class Job:
     """One image whose artefact a model stage will (re)compute."""

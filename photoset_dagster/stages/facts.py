@@ -12,11 +12,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..core.artefacts import read_json, sha256_file, write_json_artefact
+from ..core.failures import read_failure
 from ..core.images import read_facts
 from ..core.layout import DataLayout
 from ..core.links import scan_approved_links_for
 from ..core.validity import raw_fingerprint, raw_identity
-from .base import IMAGE_FACTS, ImageFailure, Outcome
+from .base import APPROVED_LINKS, IMAGE_FACTS, ImageFailure, Outcome, UpstreamFailed
 from .runner import OrderedMap, check_cancel
 
 
@@ -29,7 +30,8 @@ def run_facts_stage(
         for image_id, result in results:
             check_cancel(cancel)
             if isinstance(result, ImageFailure):
-                yield Outcome(IMAGE_FACTS, image_id, "failed", reason=str(result))
+                status = "skipped" if isinstance(result, UpstreamFailed) else "failed"
+                yield Outcome(IMAGE_FACTS, image_id, status, reason=str(result))
             else:
                 record, computed = result
                 yield Outcome(IMAGE_FACTS, image_id, "done" if computed else "current", record=record)
@@ -41,6 +43,9 @@ def ensure_facts(layout: DataLayout, image_id: str, force: bool = False) -> tupl
     only touched or copied keeps its facts (re-anchored to the new stat)."""
     extensions = scan_approved_links_for(layout, image_id)
     if not extensions:
+        sync_failure = read_failure(layout, APPROVED_LINKS, image_id)
+        if sync_failure is not None:  # its true reason, not "not synced", in the ledger, the UI and the report
+            raise UpstreamFailed(f"{APPROVED_LINKS} failed: {sync_failure.reason}")
         raise ImageFailure("not in the approved view (sync it first)")
     ext = extensions[0]
     raw = layout.raw_path(image_id)
