@@ -47,6 +47,19 @@ device = "cuda"
     assert resources["photoset"].data_root == "/srv/data"
 
 
+def test_a_relative_data_root_is_the_settings_files_neighbour_from_any_folder(tmp_path, monkeypatch, capsys):
+    env = settings_file(tmp_path, '[photoset]\ndata_root = "dataset"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a daemon or a shell started in another folder
+
+    assert load_settings(env).values["photoset.data_root"] == str(tmp_path / "dataset")
+    monkeypatch.setenv("PHOTOSET_SETTINGS", env["PHOTOSET_SETTINGS"])
+    monkeypatch.setenv("PHOTOSET_DATA_ROOT", "")  # (restored after the test: the CLI sets it from the flag)
+    assert main(["config", "--data-root", "mine"]) == 0  # a flag is the shell's: relative to where it is typed
+    assert f"photoset.data_root = '{elsewhere / 'mine'}'" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize(("text", "fragment"), [
     ('[t5]\nmax_lenght = 512\n', "unknown setting(s) t5.max_lenght"),
     ('[t5]\nmax_length = "long"\n', "t5.max_length in photoset.toml: expected int"),
@@ -63,7 +76,7 @@ def test_photoset_config_prints_every_setting_and_its_source(tmp_path, monkeypat
     for name in list(os.environ):
         if name.startswith("PHOTOSET_"):
             monkeypatch.delenv(name)
-    env = settings_file(tmp_path, '[flux_vae]\nlatent = "sample"\n')
+    env = settings_file(tmp_path, '[flux_vae]\nlatent = "sample"\n[t5]\ndtype = "float32"\n')
     monkeypatch.setenv("PHOTOSET_SETTINGS", env["PHOTOSET_SETTINGS"])
     monkeypatch.setenv("PHOTOSET_T5_MAX_LENGTH", "512")
 
@@ -74,6 +87,8 @@ def test_photoset_config_prints_every_setting_and_its_source(tmp_path, monkeypat
     assert "'sample'" in lines["flux_vae.latent"] and lines["flux_vae.latent"].endswith("# photoset.toml")
     assert lines["t5.max_length"].endswith("# env PHOTOSET_T5_MAX_LENGTH")
     assert lines["photoset.data_root"].endswith("# default")
+    assert "'auto' (float32)" in lines["dinov3.dtype"] and "'auto' (bfloat16)" in lines["flux_vae.dtype"]
+    assert "'float32'" in lines["t5.dtype"] and "(" not in lines["t5.dtype"].split("#")[0]  # no "auto" to resolve
     assert "captioner.openai_api_key_env" in lines and "api_key =" not in out
 
 

@@ -177,6 +177,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, profile: str | None =
             continue
         values[key] = _coerce(specs[key], raw, f"{name}={raw!r}")
         sources[key] = f"env {name}"
+    # A relative data root is the settings file's neighbour for every process (CLI, webserver, daemon,
+    # run workers), whatever folder each was started in.
+    values["photoset.data_root"] = str(path.parent / values["photoset.data_root"])
     return effective
 
 
