@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _apply_global_options(args: argparse.Namespace) -> None:
     """Command-line options outrank the settings file and the environment (they become the environment)."""
     if getattr(args, "data_root", None):
-        os.environ["PHOTOSET_DATA_ROOT"] = args.data_root
+        os.environ["PHOTOSET_DATA_ROOT"] = os.path.abspath(args.data_root)  # as the shell means it: from here
     if getattr(args, "photos_url", None):
         os.environ["PHOTOSET_PHOTOS_URL"] = args.photos_url
     if getattr(args, "allow_http", False):
@@ -456,9 +456,20 @@ def cmd_config(args) -> int:
     print(f"settings file: {settings.path}{found}")
     print(f"profile: {settings.profile or '(none)'}")
     width = max(len(key) for key in settings.values)
+    effective = _effective_dtypes(settings)
     for key in sorted(settings.values):
-        print(f"{key:<{width}} = {settings.values[key]!r:<40} # {settings.sources[key]}")
+        value = repr(settings.values[key]) + (f" ({effective[key]})" if key in effective else "")
+        print(f"{key:<{width}} = {value:<40} # {settings.sources[key]}")
     return EXIT_OK
+
+
+def _effective_dtypes(settings) -> dict[str, str]:
+    """``<model>.dtype`` key -> the dtype it computes in, for the models whose setting is "auto"."""
+    from .defs.resources import MODEL_RESOURCE_KEYS, resources_from_settings
+
+    resources = resources_from_settings(settings)
+    return {f"{name}.dtype": resources[name].settings().compute_dtype for name in MODEL_RESOURCE_KEYS
+            if settings.values[f"{name}.dtype"] == "auto"}
 
 
 def cmd_dev(args) -> int:
@@ -468,12 +479,19 @@ def cmd_dev(args) -> int:
     _instance()
     workspace = str(project_root() / "workspace.yaml")
     command = [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", args.host, "-p", str(args.port)]
+    env = dict(os.environ)
+    if env.get("PHOTOSET_SETTINGS"):
+        env["PHOTOSET_SETTINGS"] = os.path.abspath(env["PHOTOSET_SETTINGS"])  # the folder changes below
+    if not args.verbose:  # the webserver, daemon and code servers print no beta or deprecation notices
+        env.setdefault("PYTHONWARNINGS", "ignore")
     # Replace this process: Ctrl-C and SIGTERM reach `dagster dev` itself, with default handlers even
     # when started from a shell's background job (which would otherwise ignore SIGINT).
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.chdir(project_root())
-    os.execve(sys.executable, command, dict(os.environ))
+    # In the instance's home: `dagster dev` warns about a dagster.yaml in its folder that is not
+    # DAGSTER_HOME's (the project's template); paths in settings do not depend on the folder.
+    os.chdir(env["DAGSTER_HOME"])
+    os.execve(sys.executable, command, env)
 
 
 def cmd_demo(args) -> int:

@@ -170,6 +170,8 @@ def test_dry_run_writes_nothing(layout, images):
     assert report.written == report.shards and report.index_path is None
     assert report.summary_lines()[1] == "  would write shard-000000.tar (2 samples)"
     assert not layout.bucket_shard_dir(BUCKET).exists()
+    written = write_bucket_shards(layout, BUCKET, read_dataset_records(layout), replace(options, dry_run=False))
+    assert report.bytes == written.bytes  # the dry run's size is the shards' real size
 
 
 def test_overwrite_false_refuses_before_writing(layout, images):

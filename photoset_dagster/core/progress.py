@@ -29,9 +29,11 @@ class ProgressMeter:
         return self.count / elapsed if elapsed > 0 else 0.0
 
     def line(self, width: int = 24) -> str:
-        rate = self.rate
-        remaining = max(self.total - self.count, 0)
-        eta = f"{remaining / rate:.0f}s" if rate > 0 else "?"
-        filled = int(width * self.count / self.total) if self.total else width
+        filled = min(int(width * self.count / self.total), width) if self.total else width
         bar = "#" * filled + "." * (width - filled)
-        return f"{self.label}: [{bar}] {self.count}/{self.total} ({rate:.2f}/s, ETA {eta})"
+        head = f"{self.label}: [{bar}] {self.count}/{self.total}"
+        if self.count >= self.total:  # finished: how long it took (a rate over nothing to do means nothing)
+            return f"{head} in {time.monotonic() - self._started:.1f}s"
+        rate = self.rate
+        eta = f"{(self.total - self.count) / rate:.0f}s" if rate > 0 else "?"
+        return f"{head} ({rate:.2f}/s, ETA {eta})"

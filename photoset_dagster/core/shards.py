@@ -149,8 +149,23 @@ class _Sample:
         return [self.image_id, hashlib.sha256(self.json_bytes).hexdigest(), sources]
 
     @property
-    def payload_bytes(self) -> int:
-        return len(self.json_bytes) + sum(source.size for source in self.sources)
+    def tar_bytes(self) -> int:
+        """What its members take in a shard: each header (GNU long-name blocks included) and its data
+        padded to whole blocks, as ``tarfile`` writes them."""
+        members = [(f"{self.image_id}.json", len(self.json_bytes)),
+                   *((f"{self.image_id}.{source.suffix}", source.size) for source in self.sources)]
+        return sum(len(_member(name, size).tobuf(tarfile.GNU_FORMAT)) + _round_up(size, tarfile.BLOCKSIZE)
+                   for name, size in members)
+
+
+def _round_up(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
+
+
+def _tar_size(samples: Sequence[_Sample]) -> int:
+    """The size of the shard :func:`_write_shard` makes of ``samples``: the members, two zero blocks
+    that end the archive, padded to tarfile's record size."""
+    return _round_up(sum(sample.tar_bytes for sample in samples) + 2 * tarfile.BLOCKSIZE, tarfile.RECORDSIZE)
 
 
 @dataclass(frozen=True)
@@ -433,7 +448,7 @@ def write_bucket_shards(
         report.unchanged = len(planned) - len(to_write)
         report.removed_stale = stale
         if options.dry_run:
-            report.bytes = sum(sample.payload_bytes for sample in samples)
+            report.bytes = sum(_tar_size(shard.samples) for shard in planned)
             return report
 
         entries = _write_shards(directory, planned, to_write, previous, options.fsync)

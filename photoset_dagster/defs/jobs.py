@@ -24,7 +24,7 @@ from .assets.dataset import DATASET_JSONL, build_dataset, dataset_materializatio
 from .assets.images import CHECKED_STAGES, listed_items, sync_work
 from .assets.sync import PHOTO_LIST
 from .execution import ModelResources, run_and_record
-from .partitions import IMAGE_ID_PARTITIONS_NAME, image_ids
+from .partitions import IMAGE_ID_PARTITIONS_NAME
 from .photo_list import fetch_listing, listing_metadata, listing_summary_lines, register_listing
 from .resources import CaptionModel, Dinov3Model, FluxVaeModel, PhotosetConfig, T5Model
 
@@ -42,7 +42,6 @@ PASS_STAGES: dict[str, tuple[str, ...]] = {
 image_pipeline_job = dg.define_asset_job(
     "image_pipeline_job",
     selection=dg.AssetSelection.assets(*STAGES),
-    partitions_def=image_ids,
     executor_def=dg.in_process_executor,
     description=(
         "Sync, facts, captions, DINOv3, VAE and T5 for a range of image ids, in one process: each model "

@@ -169,7 +169,8 @@ class Recorder:
             yield from self.flush()
             self.summary.stages.append(item)
             self.context.log.info(
-                f"{item.stage}: {item.done} done, {item.current} current, {len(item.failed)} failed or skipped "
+                f"{item.stage}: {item.done} {'would be done' if self.dry_run else 'done'}, {item.current} current, "
+                f"{len(item.failed)} failed or skipped "
                 f"in {item.seconds:.1f}s ({item.rate:.2f} images/s)"
             )
             yield from self._stage_observation(item)
