@@ -109,6 +109,8 @@ def test_the_report_has_every_section_and_escapes_untrusted_text(layout: DataLay
     failures = [
         Failure("broken", "image_facts", "cannot decode broken: <script>alert(1)</script>", at="2026-01-01T00:00:00Z"),
         Failure("broken", "captions", "image_facts failed", upstream=True),
+        Failure("c", "captions", "caption backend returned an empty caption", at="2026-01-01T00:00:01Z"),
+        Failure("c", "vae_latents", "CUDA out of memory", at="2026-01-01T00:00:02Z"),  # independent of captions
     ]
     cluster = Cluster("dup-1", "near", ("a", "b"), 0.99, 0.97, (), (("a", "b", 0.99),), 1, 0.95)
     summary = render_report(
@@ -118,7 +120,7 @@ def test_the_report_has_every_section_and_escapes_untrusted_text(layout: DataLay
     )
     path = default_report_path(layout)
     assert summary.path == path == layout.reports_dir / "dataset_report.html"
-    assert (summary.images, summary.failures, summary.clusters, summary.bytes) == (4, 1, 1, path.stat().st_size)
+    assert (summary.images, summary.failures, summary.clusters, summary.bytes) == (4, 2, 1, path.stat().st_size)
     text = path.read_text(encoding="utf-8")
     parsed = parse(path)
 
@@ -135,10 +137,12 @@ def test_the_report_has_every_section_and_escapes_untrusted_text(layout: DataLay
 
     data = report_data(parsed)  # the blob round-trips every string exactly
     assert data["images"][0][2] == INJECTION
-    # One row per image: where it failed and why, then the stages skipped because of it.
-    assert [row[0] for row in data["failures"]] == ["broken"]
-    assert data["failures"][0][1:4] == ["image_facts", "cannot decode broken: <script>alert(1)</script>", 0]
-    assert data["failures"][0][6] == ["captions"]
+    # One row per image: where it failed and why, the stages skipped because of it, the others it failed.
+    assert [row[0] for row in data["failures"]] == ["c", "broken"]
+    assert data["failures"][1][1:4] == ["image_facts", "cannot decode broken: <script>alert(1)</script>", 0]
+    assert data["failures"][1][6] == ["captions"] and data["failures"][1][7] == []
+    assert data["failures"][0][1:3] == ["captions", "caption backend returned an empty caption"]
+    assert data["failures"][0][7] == [["vae_latents", "CUDA out of memory"]]
     assert data["clusters"][0][0] == "dup-1" and [m[0] for m in data["clusters"][0][4]] == ["a", "b"]
     assert data["thumbnails"] == "../derived/thumbnails/"
     assert "50.0% of captions (2 of 4) are truncated at t5_max_length 77" in text
@@ -276,7 +280,9 @@ def small_dataset(layout: DataLayout) -> dict[str, str]:
     thumbnails = make_thumbnails(layout, [*captions, "broken", "uncaptioned"])
     assert thumbnails.ids("failed") == ["broken"]
     record_failure(layout, Failure("broken", "image_facts", thumbnails.outcomes["broken"].reason))
-    record_failure(layout, Failure("uncaptioned", "captions", "caption backend returned an empty caption"))
+    record_failure(layout, Failure("uncaptioned", "captions", "caption backend returned an empty caption",
+                                   at="2026-01-01T00:00:01Z"))
+    record_failure(layout, Failure("uncaptioned", "vae_latents", "CUDA out of memory", at="2026-01-01T00:00:02Z"))
     write_jsonl_atomic(layout.dataset_jsonl, records)
 
     base = rng.standard_normal(64)
@@ -344,6 +350,8 @@ def test_the_report_in_chromium(chromium, layout: DataLayout):
         assert "image_facts" in broken.inner_text() and "cannot decode" in broken.inner_text()
         assert broken.locator(".thumb.none").count() == 1
         assert loaded_images(page, "#failure-list tr[data-image-id='uncaptioned']")[0][1] > 0
+        uncaptioned = page.locator("#failure-list tr[data-image-id='uncaptioned']").inner_text()
+        assert "empty caption" in uncaptioned and "also failed at vae_latents: CUDA out of memory" in uncaptioned
 
         # The near-duplicate pair side by side, both thumbnails loaded, one marked as the representative.
         cluster = page.locator("#cluster-list .cluster")

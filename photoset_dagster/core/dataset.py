@@ -34,7 +34,7 @@ from .buckets import BUCKET_NAMES
 from .layout import NPY_KINDS, DataLayout, is_valid_image_id
 from .lock import data_lock
 from .records import is_attention_mask, iter_jsonl, jsonl_text, write_jsonl_atomic
-from .validity import sidecar_problem, stale_reason
+from .validity import sidecar_problem, stale_reason, stat_proves
 
 CURRENT_KINDS = ("captions", "dinov3", "vae_latents", "t5_hidden")
 _SCANNED_KINDS = ("facts", *CURRENT_KINDS)
@@ -450,7 +450,7 @@ def _proof(
             raise _NotReady(f"missing {kind} npy", f"{kind} .npy missing")
         if not isinstance(summary.get("npy_sha256"), str):
             raise _NotReady(f"invalid {kind}", f"{kind} sidecar has no proof of its .npy (written by an older photoset)")
-        if stat[:2] != [summary.get("npy_size"), summary.get("npy_mtime_ns")]:
+        if not stat_proves(summary, *stat[:2]):
             if _sha256_in(folders[kind], f"{image_id}.npy") != summary["npy_sha256"]:
                 raise _NotReady(f"invalid {kind}", f"{kind} .npy does not match its sidecar (truncated or replaced)")
         proof += stat[:2]

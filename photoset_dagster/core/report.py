@@ -156,8 +156,9 @@ def _blob(
                 for image in images
             ],
             "failures": [
-                [f.image_id, f.stage, f.reason, int(f.upstream), f.at, int(f.image_id in thumbnails), list(skipped)]
-                for f, skipped in failures
+                [f.image_id, f.stage, f.reason, int(f.upstream), f.at, int(f.image_id in thumbnails), list(skipped),
+                 [[other.stage, other.reason] for other in also_failed]]
+                for f, skipped, also_failed in failures
             ],
             "clusters": [
                 [
@@ -301,10 +302,12 @@ def _content(
         ("stale artefacts", stale_total if stale is not None else "-"),
     ]
     by_stage: dict[str, list[int]] = {}
-    for f, skipped in failures:
+    for f, skipped, also_failed in failures:
         by_stage.setdefault(f.stage, [0, 0])[int(f.upstream)] += 1
         for stage in skipped:
             by_stage.setdefault(stage, [0, 0])[1] += 1
+        for other in also_failed:
+            by_stage.setdefault(other.stage, [0, 0])[0] += 1
     kinds = Counter(cluster.kind for cluster in clusters)
     recipe_text = json.dumps(recipe, indent=2, sort_keys=True, ensure_ascii=False, default=str) if recipe else ""
     return "".join(
@@ -340,10 +343,11 @@ def _content(
     )
 
 
-def _by_image(failures: Iterable[Failure]) -> list[tuple[Failure, tuple[str, ...]]]:
+def _by_image(failures: Iterable[Failure]) -> list[tuple[Failure, tuple[str, ...], tuple[Failure, ...]]]:
     """One row per image: the failure that stopped it (the earliest direct one; a skip when the ledger
-    holds no direct failure) and the stages skipped because of it, in the order they ran. Images that
-    failed directly first, then by stage and id."""
+    holds no direct failure), the stages skipped because of it, in the order they ran, and the other
+    stages it failed on their own (a failed caption does not stop the VAE, which can fail too). Images
+    that failed directly first, then by stage and id."""
     by_image: dict[str, list[Failure]] = {}
     for failure in failures:
         by_image.setdefault(failure.image_id, []).append(failure)
@@ -351,7 +355,8 @@ def _by_image(failures: Iterable[Failure]) -> list[tuple[Failure, tuple[str, ...
     for entries in by_image.values():
         entries.sort(key=lambda f: f.at or "")
         cause = next((f for f in entries if not f.upstream), entries[0])
-        rows.append((cause, tuple(f.stage for f in entries if f.upstream and f is not cause)))
+        rows.append((cause, tuple(f.stage for f in entries if f.upstream and f is not cause),
+                     tuple(f for f in entries if not f.upstream and f is not cause)))
     return sorted(rows, key=lambda row: (row[0].upstream, row[0].stage, row[0].image_id))
 
 

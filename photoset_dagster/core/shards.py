@@ -30,6 +30,7 @@ from .buckets import parse_bucket
 from .layout import DataLayout, is_valid_image_id
 from .lock import data_lock
 from .records import iter_jsonl, stage2_record_problems
+from .validity import stat_proves
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,7 @@ def _sample(layout: DataLayout, record: Mapping[str, Any]) -> _Sample:
         if not isinstance(digest, str):
             raise ValueError(f"the record has no proof of its {kind} array (rebuild the dataset JSONL)")
         sidecar = read_json(layout.json_path(kind, image_id)) or {}
-        proven = (sidecar.get("npy_sha256") == digest and sidecar.get("npy_size") == stat.st_size
-                  and sidecar.get("npy_mtime_ns") == stat.st_mtime_ns)
+        proven = sidecar.get("npy_sha256") == digest and stat_proves(sidecar, stat.st_size, stat.st_mtime_ns)
         sources.append(_Source(suffix, path, stat.st_size, stat.st_mtime_ns, digest, proven))
     return _Sample(image_id, _sample_json(record), tuple(sources))
 

@@ -48,6 +48,12 @@ class Judgment:
 # --- the proof of an .npy ---------------------------------------------------------------------------
 
 
+def stat_proves(sidecar: Mapping[str, Any], size: int, mtime_ns: int) -> bool:
+    """A file of this size and mtime is still the one ``sidecar`` hashed, trusted without reading it
+    (a rewrite that keeps both is caught only by hashing: ``verify --deep``)."""
+    return sidecar.get("npy_size") == size and sidecar.get("npy_mtime_ns") == mtime_ns
+
+
 def npy_proof_problem(record: Mapping[str, Any], npy_path: os.PathLike[str] | str, *, deep: bool = False) -> str | None:
     """Why ``npy_path`` is not the file ``record`` (its sidecar) describes, or None. ``deep`` hashes even
     a file whose size and mtime still match."""
@@ -60,7 +66,7 @@ def npy_proof_problem(record: Mapping[str, Any], npy_path: os.PathLike[str] | st
         return "sidecar has no proof of its .npy (written by an older photoset)"
     if stat.st_size != size:
         return f"npy file is {stat.st_size} bytes, its sidecar recorded {size} (truncated or replaced)"
-    if stat.st_mtime_ns == mtime and not deep:
+    if stat_proves(record, stat.st_size, stat.st_mtime_ns) and not deep:
         return None
     if sha256_file(npy_path) != digest:
         return "npy content does not match its sidecar (edited or replaced)"
