@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Any
 
 import dagster as dg
@@ -45,6 +46,9 @@ from dagster._core.events import (
     DagsterEventType,
     generate_event_batch_id,
 )
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+from sqlalchemy import select
 
 from ..core.progress import ProgressMeter
 from ..stages.base import (
@@ -220,13 +224,7 @@ class Recorder:
         for stage in dict.fromkeys(outcome.stage for outcome in outcomes):
             key = dg.AssetKey(stage)
             partitions = {outcome.image_id for outcome in outcomes if outcome.stage == stage}
-            latest = self.instance.event_log_storage.get_latest_storage_id_by_partition(
-                key, DagsterEventType.ASSET_MATERIALIZATION, partitions)
-            records = self.instance.fetch_materializations(  # (no ids would mean no filter: fetch nothing)
-                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest)
-            ).records if latest else []
-            targets = {record.partition_key: AssetCheckEvaluationTargetMaterializationData(
-                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp) for record in records}
+            targets = self._latest_materializations(key, partitions)
             for outcome in outcomes:
                 if outcome.stage != stage:
                     continue
@@ -241,6 +239,31 @@ class Recorder:
                         target_materialization_data=target,
                     ))
         return evaluations
+
+    def _latest_materializations(
+        self, key: dg.AssetKey, partitions: Collection[str]
+    ) -> dict[str, AssetCheckEvaluationTargetMaterializationData]:
+        """partition -> its latest materialization (id, run, time). From a SQL event log, three columns of
+        the events' rows: Dagster's ``fetch_materializations`` would deserialize every event, most of
+        what an evaluation costs."""
+        storage = self.instance.event_log_storage
+        latest = storage.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION, partitions)
+        if not latest:
+            return {}
+        if isinstance(storage, SqlEventLogStorage):
+            table = SqlEventLogStorageTable
+            with storage.index_connection() as conn:
+                rows = conn.execute(select(table.c.id, table.c.run_id, table.c.timestamp)
+                                    .where(table.c.id.in_(latest.values()))).all()
+            found = {storage_id: (run_id, stored_at.replace(tzinfo=timezone.utc).timestamp())
+                     for storage_id, run_id, stored_at in rows}
+        else:
+            records = self.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, storage_ids=list(latest.values())), limit=len(latest)).records
+            found = {record.storage_id: (record.run_id, record.timestamp) for record in records}
+        return {partition: AssetCheckEvaluationTargetMaterializationData(
+                    storage_id=storage_id, run_id=found[storage_id][0], timestamp=found[storage_id][1])
+                for partition, storage_id in latest.items() if storage_id in found}
 
     def _batch(self, items: Sequence[Any], build: Callable[[Any, DagsterEventBatchMetadata], DagsterEvent]):
         batch_id = generate_event_batch_id()
