@@ -11,7 +11,6 @@ import html.parser
 import io
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -205,16 +204,13 @@ def large_report(tmp_path_factory) -> tuple[DataLayout, object, int]:
         for k in range(300)
     ]
     caption_bytes = sum(len(record["caption"].encode()) for record in records)
-    started = time.monotonic()
     summary = render_report(layout, records, failures=failures, clusters=clusters, note="synthetic")
-    print(f"render {SCALE_IMAGES} images: {time.monotonic() - started:.2f}s, {summary.bytes / 1e6:.1f} MB")
     return layout, summary, caption_bytes
 
 
-def test_the_report_of_60000_images_is_fast_and_compact(large_report):
+def test_the_report_of_60000_images_is_compact(large_report):
     _, summary, caption_bytes = large_report
     assert summary.images == SCALE_IMAGES
-    assert summary.seconds < 30
     # The captions themselves, plus a small fixed cost per image (no per-image markup, no repeated keys).
     overhead = summary.bytes - caption_bytes
     assert overhead < 120 * SCALE_IMAGES, f"{overhead / SCALE_IMAGES:.0f} bytes per image beyond the caption"
@@ -376,14 +372,11 @@ def test_the_report_in_chromium(chromium, layout: DataLayout):
     assert screenshot.stat().st_size > 10_000
 
 
-def test_the_report_of_60000_images_opens_quickly_in_chromium(chromium, large_report):
+def test_the_report_of_60000_images_stays_usable_in_chromium(chromium, large_report):
     _, summary, _ = large_report
-    started = time.monotonic()
     page, errors = open_report(chromium, summary.path, {"width": 1400, "height": 1000})
     try:
-        print(f"60k report ready in Chromium after {time.monotonic() - started:.1f}s")
-        assert time.monotonic() - started < 20
-        # One page per bucket in the DOM, not 60,000 cards.
+        # One page per bucket in the DOM, not 60,000 cards (bench/report.py times the render).
         assert page.locator("#bucket-grids section.bucket").count() == len(BUCKET_NAMES)
         assert page.locator("figure.card").count() == 60 * len(BUCKET_NAMES)
         section = page.locator("section[data-bucket='1024x1024']")
