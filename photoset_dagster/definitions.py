@@ -42,6 +42,9 @@ def build_definitions(resources: dict | None = None, settings: EffectiveSettings
         schedules=schedules,
         resources=resources,
         loggers={"console": dg.colored_console_logger, "plain": plain_logger},
+        # Every run in one process, from the UI and `dagster asset materialize` too: models load once
+        # per run, and the run's lease (a flock of its process) lives as long as the run, not one step.
+        executor=dg.in_process_executor,
     )
 
 

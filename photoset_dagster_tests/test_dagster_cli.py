@@ -69,3 +69,18 @@ def test_dg_launch_and_dg_check_defs_know_the_project(project):
     assert checked.returncode == 0 and "All definitions loaded successfully" in checked.stdout + checked.stderr
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert materialized(project, "image_facts") == set(project["ids"][:3])
+
+
+def test_a_run_of_several_assets_runs_in_one_process(project):
+    """Every step in the run's process (Dagster's default would fork one per step): models load once per
+    run, and the run's lease — a flock of that process — outlives each step, so no reaper sees it dead."""
+    done = run(project, str(BIN / "dagster"), "asset", "materialize", "-m", "photoset_dagster.definitions",
+               "--select", "thumbnails,near_duplicates,dataset_report")
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    os.environ["DAGSTER_HOME"] = project["env"]["DAGSTER_HOME"]
+    with dg.DagsterInstance.get() as instance:
+        (record,) = instance.get_run_records(limit=1)
+        steps = [entry for entry in instance.all_logs(record.dagster_run.run_id)
+                 if entry.is_dagster_event and entry.dagster_event.event_type_value == "STEP_START"]
+    assert len(steps) == 3 and len({entry.dagster_event.pid for entry in steps}) == 1

@@ -42,7 +42,6 @@ PASS_STAGES: dict[str, tuple[str, ...]] = {
 image_pipeline_job = dg.define_asset_job(
     "image_pipeline_job",
     selection=dg.AssetSelection.assets(*STAGES),
-    executor_def=dg.in_process_executor,
     description=(
         "Sync, facts, captions, DINOv3, VAE and T5 for a range of image ids, in one process: each model "
         "loads once per run. Select fewer assets in the launchpad to run a single pass."
@@ -158,7 +157,6 @@ def catch_up(
 
 
 @dg.job(
-    executor_def=dg.in_process_executor,
     description="Catch up: process, in one run, every image whose artefacts for the chosen passes are missing, "
     "invalid or stale (wherever it sits in partition order). Optionally refresh the photo list first and "
     "rebuild the dataset and shards after. The nightly schedule runs it.",
