@@ -2,6 +2,7 @@
 against a loopback photo API serving 2,000 ids. Between ticks, ``launch`` does what the daemon does with
 a tick's run requests: it queues them as runs."""
 
+import os
 import socket
 import time
 
@@ -159,6 +160,21 @@ def test_the_reaper_marks_a_dead_run_failed_and_frees_its_slot(photoset_env, ins
     assert "reaped 1" in data.skip_message
     assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
     assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+
+
+def test_the_reaper_sweeps_the_lease_files_of_ended_runs_and_keeps_live_ones(photoset_env, instance):
+    defs = build_defs(photoset_env)
+    ended = create_run_for_test(instance, job_name="image_pipeline_job", status=DagsterRunStatus.SUCCESS)
+    live = create_run_for_test(instance, job_name="image_pipeline_job", status=DagsterRunStatus.STARTED,
+                               tags={LEASE_HOST_TAG: socket.gethostname(), LEASE_PID_TAG: str(os.getpid())})
+    FileLease.try_take(lease_dir(instance) / f"{ended.run_id}.lock", {}).release(remove=False)  # its process exited
+    held = FileLease.try_take(lease_dir(instance) / f"{live.run_id}.lock", {"run_id": live.run_id})
+
+    tick(defs, instance, name="photoset_run_reaper")
+
+    assert sorted(path.stem for path in lease_dir(instance).glob("*.lock")) == [live.run_id]
+    assert instance.get_run_by_id(live.run_id).status == DagsterRunStatus.STARTED
+    held.release()
 
 
 def test_nightly_schedule_runs_a_full_catch_up(photoset_env, instance):

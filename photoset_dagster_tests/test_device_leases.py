@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from photoset_dagster.core.leases import lease_device
+from photoset_dagster.core import leases
+from photoset_dagster.core.leases import FileLease, lease_device
 
 DEVICES = ["cpu:0", "cpu:1"]
 TAKE_AND_HOLD = textwrap.dedent("""
@@ -51,6 +52,26 @@ def test_each_process_owns_one_device_and_a_killed_owner_gives_it_back(tmp_path)
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
+
+
+def test_a_lease_taken_on_a_file_its_holder_just_removed_is_taken_again_on_the_path(tmp_path, monkeypatch):
+    path = tmp_path / "cuda_0.lock"
+    real_open = os.open
+    opened = []
+
+    def open_then_lose_the_race(*args, **kwargs):
+        fd = real_open(*args, **kwargs)
+        if not opened:  # the holder releases (removes the file) between this open and the lock
+            os.unlink(path)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(leases.os, "open", open_then_lose_the_race)
+    lease = FileLease.try_take(path, {"device": "cuda:0"})
+
+    assert lease is not None and len(opened) == 2  # the orphaned file's lock was not trusted
+    assert os.fstat(opened[1]).st_ino == path.stat().st_ino  # the lock is on the file others open
+    lease.release()
 
 
 def test_a_wait_for_a_device_names_the_holders_and_can_be_cancelled(tmp_path):

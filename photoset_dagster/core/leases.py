@@ -33,11 +33,19 @@ class FileLease:
         """The lease, or None when a live process holds it. ``holder`` (what, device, ...) is written
         into the file with this process's pid and host; None only probes and leaves the note as it is."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(_OPEN_ATTEMPTS):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            if _same_file(fd, path):
+                break
+            # The holder removed the file between our open and our lock: this lock is on a file nobody
+            # else will ever open, so it proves nothing. Open the path again.
             os.close(fd)
+        else:
             return None
         if holder is not None:
             note = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso(), **holder}
@@ -52,11 +60,21 @@ class FileLease:
     def release(self, *, remove: bool = True) -> None:
         if self._fd is None:
             return
-        if remove:  # before unlocking, so nobody takes a lock on a file about to vanish
+        if remove:  # before unlocking: whoever opened it just before sees, once locked, that it is gone
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         os.close(self._fd)
         self._fd = None
+
+
+_OPEN_ATTEMPTS = 8  # retries only while other processes keep removing the file under us
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def holder_of(path: Path) -> dict | None:

@@ -137,7 +137,20 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] | No
         reaped.append(run_id)
         if log is not None:
             log(message)
+    _remove_leases_of_ended_runs(instance, leased)
     return reaped
+
+
+def _remove_leases_of_ended_runs(instance: dg.DagsterInstance, started: set[str]) -> None:
+    """The lease files of runs whose process has ended since (every run that ran here leaves one: a
+    lease is never given back early). A started run's file stays: it is how a dead run is told apart."""
+    try:
+        paths = list(lease_dir(instance).glob("*.lock"))
+    except FileNotFoundError:
+        return
+    for path in paths:
+        if path.stem not in started and is_abandoned(path):
+            path.unlink(missing_ok=True)
 
 
 class GpuSlot:
