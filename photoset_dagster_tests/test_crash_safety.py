@@ -19,7 +19,8 @@ from dagster._core.test_utils import create_run_for_test
 
 from photoset_dagster.core.leases import FileLease
 from photoset_dagster.core.layout import DataLayout
-from photoset_dagster.defs.concurrency import GPU_POOL, LEASE_HOST_TAG, LEASE_PID_TAG, lease_dir
+from photoset_dagster.defs.concurrency import GPU_POOL, LEASE_HOST_TAG, LEASE_PID_TAG, lease_dir, reap_dead_runs
+from photoset_dagster.demo.server import Fault
 
 PHOTOSET = [sys.executable, "-m", "photoset_dagster.cli"]
 IMAGES = 24  # captions at ~3/s on the tiny Gemma: a pass of several seconds to kill in the middle
@@ -81,6 +82,30 @@ def test_a_generate_killed_mid_pass_does_not_block_the_next_one(env, synced, hom
         assert "died (its process (pid" in failure[-1].dagster_event.message
         assert instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots == []
     print(f"second generate: {time.monotonic() - started:.1f}s")
+
+
+def test_a_sync_killed_while_it_lists_is_found_dead(env, photo_site, home, tmp_path, monkeypatch):
+    """Before any model stage or slot: a run holds its lease from its first moment, so a kill during
+    a long listing leaves no run STARTED forever (the sensor would wait on it for good)."""
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    photo_site.publish(photo_site.add_images(2))
+    photo_site.server.add_fault("/photos.json?page=1", Fault("timeout", delay_s=60, times=-1))
+    syncing = subprocess.Popen([*PHOTOSET, "sync"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    leases = home / "photoset" / "run-leases"
+    while not list(leases.glob("*.lock")):  # until its run holds the lease (then it waits on the stalled page)
+        assert syncing.poll() is None and time.monotonic() < deadline, "the sync did not start its run in time"
+        time.sleep(0.2)
+    time.sleep(1.0)  # the lease's tags are written just after the lock is taken
+    os.killpg(syncing.pid, signal.SIGKILL)
+    syncing.wait(timeout=30)
+
+    with open_instance(home) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == DagsterRunStatus.STARTED  # what the UI would show forever, without a lease
+        assert reap_dead_runs(instance) == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
 
 
 def test_a_waiting_generate_says_who_holds_the_slot_uses_no_cpu_and_stops_on_sigterm(env, synced, home, tmp_path):

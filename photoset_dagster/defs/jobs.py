@@ -23,6 +23,7 @@ from ..stages.sync import SyncOptions
 from .assets.dataset import DATASET_JSONL, build_dataset, dataset_materialization, jsonl_check, write_shards
 from .assets.images import CHECKED_STAGES, listed_items, sync_work
 from .assets.sync import PHOTO_LIST
+from .concurrency import hold_run_lease
 from .execution import ModelResources, run_and_record
 from .partitions import IMAGE_ID_PARTITIONS_NAME
 from .photo_list import fetch_listing, listing_metadata, listing_summary_lines, register_listing
@@ -92,6 +93,7 @@ def catch_up(
     flux_vae: FluxVaeModel,
     t5: T5Model,
 ):
+    hold_run_lease(context.instance, context.run_id)  # from its first moment: a kill during listing is seen too
     stages = stages_for(config.passes)
     metadata: dict[str, Any] = {}
     items: list[PhotoItem] | None = None
@@ -181,6 +183,7 @@ class PruneConfig(dg.Config):
 )
 def prune(context: dg.OpExecutionContext, config: PruneConfig, photoset: PhotosetConfig,
           dinov3: Dinov3Model, captioner: CaptionModel, flux_vae: FluxVaeModel, t5: T5Model):
+    hold_run_lease(context.instance, context.run_id)
     layout = photoset.layout
     if config.refresh_list:
         listing = fetch_listing(photoset, log=context.log.info)

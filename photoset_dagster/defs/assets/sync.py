@@ -3,6 +3,7 @@
 import dagster as dg
 
 from ..photo_list import PHOTO_LIST, fetch_listing, listing_metadata, register_listing
+from ..concurrency import hold_run_lease
 from ..resources import PhotosetConfig
 
 OWNERS = ["team:photoset"]
@@ -30,6 +31,7 @@ class PhotoListConfig(dg.Config):
     ),
 )
 def photo_list(context: dg.AssetExecutionContext, config: PhotoListConfig, photoset: PhotosetConfig) -> dg.MaterializeResult:
+    hold_run_lease(context.instance, context.run_id)  # a listing can take minutes: a kill in it must be seen
     listing = fetch_listing(
         photoset, start_page=config.start_page, end_page=config.end_page, limit=config.limit, log=context.log.info
     )
