@@ -6,11 +6,12 @@ from __future__ import annotations
 import collections
 import os
 import re
+import threading
 import time
 
 import pytest
 
-from photoset_dagster.core.download import Downloader, DownloadJob
+from photoset_dagster.core.download import DownloadCancelled, Downloader, DownloadJob
 from photoset_dagster.core.http import RetryPolicy
 from photoset_dagster.demo.server import Fault, PhotoServer
 from photoset_dagster_tests.fixtures_http import image_bytes
@@ -228,3 +229,34 @@ def test_a_retry_policy_without_retries_makes_one_attempt(served, http_client, s
 
     assert (result.kind, result.attempts, result.retries_exhausted) == ("too_slow", 1, True)
     assert sleeps.calls == []
+
+
+# --- interrupts -------------------------------------------------------------------------------
+
+
+def test_an_interrupt_stops_a_trickling_download_at_once(served, http_client, tmp_path):
+    served.add_fault("/files/abc", Fault("trickle", times=-1, interval_s=0.02))
+    patient = hasty(http_client, None, RetryPolicy(retries=5, backoff_base_s=30.0, max_total_wait_s=300.0),
+                    rate_grace_s=30.0)  # left alone: minutes of trickles and backoff
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+
+    started = time.monotonic()
+    with pytest.raises(DownloadCancelled):
+        patient.download(job_for(served, tmp_path), cancel)
+
+    assert time.monotonic() - started < 0.5 + SLACK_S + 1.0
+    assert entries(tmp_path / "raw") == []  # no temporary left behind
+
+
+def test_an_interrupt_cuts_a_backoff_wait_short(served, http_client, tmp_path):
+    served.add_fault("/files/abc", Fault("status", status=503, times=-1))
+    patient = hasty(http_client, None, RetryPolicy(retries=5, backoff_base_s=30.0, max_total_wait_s=300.0))
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+
+    started = time.monotonic()
+    with pytest.raises(DownloadCancelled):
+        patient.download(job_for(served, tmp_path), cancel)
+
+    assert time.monotonic() - started < 0.5 + SLACK_S + 1.0  # not the 30 s backoff

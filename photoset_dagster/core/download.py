@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -63,6 +64,15 @@ class DownloadResult:
     retries_exhausted: bool = False  # failed transiently on every attempt the retry policy allowed
 
 
+class DownloadCancelled(Exception):
+    """The run was interrupted: the download stopped between chunks or backoff waits, its temporary removed."""
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise DownloadCancelled("interrupted")
+
+
 class Downloader:
     def __init__(
         self,
@@ -72,7 +82,7 @@ class Downloader:
         concurrency: int = 16,
         max_bytes: int = 200 * 1024 * 1024,
         allow_http: bool = False,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] | None = None,
         header_timeout_s: float = 30.0,
         min_rate_bps: float = 16 * 1024,
         rate_grace_s: float = 10.0,
@@ -110,8 +120,10 @@ class Downloader:
         per_download = self._retry.attempts * self.attempt_deadline_s() + self._retry.max_total_wait_s
         return math.ceil(jobs / self.concurrency) * per_download
 
-    def download(self, job: DownloadJob) -> DownloadResult:
-        """Fetch ``job.url`` into ``job.dest``; policy, HTTP, network and disk failures come back as a failed result."""
+    def download(self, job: DownloadJob, cancel: threading.Event | None = None) -> DownloadResult:
+        """Fetch ``job.url`` into ``job.dest``; policy, HTTP, network and disk failures come back as a failed
+        result. Once ``cancel`` is set it stops at the next chunk or during a backoff wait
+        (:class:`DownloadCancelled`), within one read timeout at most."""
         try:
             url = self.check_url(job.url)
         except UrlPolicyError as error:
@@ -122,10 +134,14 @@ class Downloader:
         def attempt() -> int:
             nonlocal attempts
             attempts += 1
-            return self._fetch_once(url, job.dest)
+            return self._fetch_once(url, job.dest, cancel)
+
+        def pause(seconds: float) -> None:  # a backoff an interrupt cuts short
+            (self._sleep or (cancel or threading.Event()).wait)(seconds)
+            _check(cancel)
 
         try:
-            nbytes = call_with_retries(attempt, self._retry, sleep=self._sleep)
+            nbytes = call_with_retries(attempt, self._retry, sleep=pause)
         except FetchError as error:
             exhausted = isinstance(error, RetriesExhausted)
             return DownloadResult(job.image_id, False, 0, str(error), attempts, error.kind, exhausted)
@@ -155,7 +171,7 @@ class Downloader:
     def _body_allowance_s(self, size_bound: int) -> float:
         return max(self.rate_grace_s, size_bound / self.min_rate_bps)
 
-    def _fetch_once(self, url: str, dest: Path) -> int:
+    def _fetch_once(self, url: str, dest: Path, cancel: threading.Event | None = None) -> int:
         """One attempt: stream ``url`` into ``dest`` atomically; returns the bytes stored."""
         with (
             io_deadline(self.header_timeout_s) as deadline,
@@ -167,9 +183,11 @@ class Downloader:
                 raise PermanentError(
                     f"Content-Length {declared} exceeds the {self._max_bytes}-byte limit", kind="too_large"
                 )
-            return self._stream_to(response, dest, deadline, self._max_bytes if declared is None else declared)
+            return self._stream_to(response, dest, deadline, self._max_bytes if declared is None else declared,
+                                   cancel)
 
-    def _stream_to(self, response: httpx.Response, dest: Path, deadline: Deadline, size_bound: int) -> int:
+    def _stream_to(self, response: httpx.Response, dest: Path, deadline: Deadline, size_bound: int,
+                   cancel: threading.Event | None = None) -> int:
         """Write the body to a temporary sibling of ``dest`` and rename it into place once complete.
 
         ``deadline`` moves with the bytes received: with ``n`` bytes in after ``t`` seconds the
@@ -194,6 +212,7 @@ class Downloader:
                 nbytes = 0
                 head = b""
                 for chunk in iter_body(response):
+                    _check(cancel)
                     move_deadline()
                     nbytes += len(chunk)
                     if nbytes > self._max_bytes:

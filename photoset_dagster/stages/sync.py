@@ -130,7 +130,7 @@ class _SyncRun:
                     break
                 step = self._link_present_or_plan(item)
                 if isinstance(step, DownloadJob):
-                    in_flight[pool.submit(self.downloader.download, step)] = step.image_id
+                    in_flight[pool.submit(self.downloader.download, step, self.cancel)] = step.image_id
                     # Keep the workers busy and a few queued, never the whole listing.
                     while len(in_flight) >= 2 * workers:
                         yield from self._settle(in_flight, FIRST_COMPLETED)
@@ -148,7 +148,10 @@ class _SyncRun:
         return float("inf") if quota is None else quota - self.stats.links_changed - in_flight
 
     def _settle(self, in_flight: dict[Future[DownloadResult], str], mode: str) -> Iterator[Outcome | Note]:
-        done, _ = wait(in_flight, return_when=mode)
+        done: set[Future[DownloadResult]] = set()
+        while not done:  # an interrupt is heard while every worker is busy, not after a download ends
+            check_cancel(self.cancel)
+            done, _ = wait(in_flight, timeout=0.5, return_when=mode)
         for future in done:
             in_flight.pop(future)
             result = future.result()
