@@ -4,6 +4,7 @@ stage runner (the same code the Dagster assets run)."""
 from __future__ import annotations
 
 import base64
+import threading
 import io
 import os
 from collections.abc import Callable
@@ -22,14 +23,16 @@ from photoset_dagster.core.buckets import cover_crop, parse_bucket
 from photoset_dagster.core.failures import Failure, record_failure
 from photoset_dagster.core.images import decode_image
 from photoset_dagster.core.layout import PATCHES_DIR, DataLayout
+from photoset_dagster.core.lock import DataLock
 from photoset_dagster.core.links import ensure_approved_link
 from photoset_dagster.models.captioner import CaptionSettings
 from photoset_dagster.models.common import LOAD_COUNTS
 from photoset_dagster.models.flux_vae import FluxVaeEncoder
-from photoset_dagster.stages.base import APPROVED_LINKS, ModelStage, Outcome
+from photoset_dagster.stages.base import APPROVED_LINKS, IMAGE_FACTS, ModelStage, Note, Outcome
 from photoset_dagster.stages.captions import CaptionsStage
 from photoset_dagster.stages.dinov3 import Dinov3Stage
 from photoset_dagster.stages.facts import run_facts_stage
+from photoset_dagster.stages.pipeline import run_pipeline
 from photoset_dagster.stages.runner import run_model_stage
 from photoset_dagster.stages.t5 import T5Stage
 from photoset_dagster.stages.vae import VaeStage
@@ -155,6 +158,21 @@ def test_facts_of_an_image_whose_sync_failed_say_why_and_are_skipped(layout: Dat
     add_photo(layout, "lost", (32, 32))  # synced since (a later sync would also clear the ledger entry)
     (facts,) = run_facts_stage(layout, ["lost"])
     assert facts.status == "done"
+
+
+def test_a_pass_waiting_for_a_prune_says_who_holds_the_data_and_stops_when_cancelled(layout: DataLayout) -> None:
+    layout.ensure_dirs()
+    prune = DataLock(layout.lock_path, exclusive=True, what="prune")
+    assert prune.try_acquire()
+    cancel = threading.Event()
+    stream = run_pipeline(layout, [IMAGE_FACTS], ["a"], cancel=cancel)
+
+    note = next(stream)
+    assert isinstance(note, Note) and "waiting for the shared data lock, held by prune (exclusive" in note.message
+    cancel.set()
+    with pytest.raises(InterruptedError):
+        next(stream)
+    prune.release()
 
 
 # --- all artefacts at real bucket sizes -----------------------------------------------------------

@@ -90,9 +90,3 @@ def remove_approved_links(layout: DataLayout, image_id: str, *, dry_run: bool = 
         for path in removed:
             os.unlink(path)
     return removed
-
-
-def raw_present(layout: DataLayout, image_id: str) -> bool:
-    """The raw file is a regular file; a symlink at raw/<id> (possibly leading out of the root) is not."""
-    raw = layout.raw_path(image_id)
-    return not raw.is_symlink() and raw.is_file()

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from .artefacts import now_iso
@@ -51,16 +51,10 @@ class DataLock:
         self._leave_note()
         return True
 
-    def acquire(
-        self,
-        timeout_s: float = 600.0,
-        *,
-        on_wait: Callable[[str], None] | None = None,
-        report_every_s: float = 5.0,
-        cancel: threading.Event | None = None,
-    ) -> None:
-        """Take the lock, waiting at most ``timeout_s`` (sleeping, not spinning); ``on_wait`` hears what
-        it waits for every ``report_every_s``; ``cancel`` stops the wait (raises InterruptedError)."""
+    def waiting(self, timeout_s: float = 600.0, *, report_every_s: float = 5.0,
+                cancel: threading.Event | None = None) -> Iterator[str]:
+        """Take the lock, waiting at most ``timeout_s`` (sleeping, not spinning) and yielding what it
+        waits for every ``report_every_s``; ``cancel`` stops the wait (InterruptedError)."""
         started = time.monotonic()
         next_report = started
         while not self.try_acquire():
@@ -71,15 +65,16 @@ class DataLock:
                     f"could not take the {self.mode} data lock {self.lock_path} within {timeout_s:.0f}s: "
                     f"held by {self.describe_holders()}"
                 )
-            if on_wait is not None and now >= next_report:
-                on_wait(f"waiting for the {self.mode} data lock, held by {self.describe_holders()}")
+            if now >= next_report:
+                yield f"waiting for the {self.mode} data lock, held by {self.describe_holders()}"
                 next_report = now + report_every_s
-            if cancel is not None:
-                if cancel.wait(0.2):
-                    self.release()
-                    raise InterruptedError("interrupted while waiting for the data lock")
-            else:
-                time.sleep(0.2)
+            if (cancel or threading.Event()).wait(0.2):
+                self.release()
+                raise InterruptedError("interrupted while waiting for the data lock")
+
+    def acquire(self, timeout_s: float = 600.0) -> None:
+        for _ in self.waiting(timeout_s):
+            pass
 
     def release(self) -> None:
         if self._note is not None:
@@ -118,13 +113,6 @@ class DataLock:
         body = {"pid": os.getpid(), "host": socket.gethostname(), "mode": self.mode, "what": self.what,
                 "since": now_iso()}
         self._note.write_text(json.dumps(body))
-
-    def __enter__(self) -> DataLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 def _notes_dir(lock_path: Path) -> Path:

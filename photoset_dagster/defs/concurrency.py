@@ -17,6 +17,7 @@ stops at once on Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 import threading
@@ -28,6 +29,8 @@ import dagster as dg
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 
 from ..core.leases import FileLease, is_abandoned
+
+log = logging.getLogger(__name__)
 
 GPU_POOL = "gpu"
 LEASE_HOST_TAG = "photoset/lease_host"
@@ -79,6 +82,7 @@ def _start_heartbeat(instance: dg.DagsterInstance) -> None:
         return
 
     def beat() -> None:
+        failing = False
         while True:
             time.sleep(HEARTBEAT_EVERY_S)
             with _leases_lock:
@@ -86,8 +90,16 @@ def _start_heartbeat(instance: dg.DagsterInstance) -> None:
             for run_id in run_ids:
                 try:
                     instance.add_run_tags(run_id, {HEARTBEAT_TAG: _now()})
-                except Exception:  # a heartbeat must never take a run down; the next one retries
-                    pass
+                except Exception as error:
+                    # Never take a run down for it, but say so once per streak: another host calls a run
+                    # without a beat for HEARTBEAT_TIMEOUT_S dead.
+                    if not failing:
+                        log.warning("photoset: the heartbeat of run %s failed (%s); retrying", run_id, error)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("photoset: the heartbeat of run %s is back", run_id)
+                    failing = False
 
     _heartbeat = threading.Thread(target=beat, name="photoset-heartbeat", daemon=True)
     _heartbeat.start()

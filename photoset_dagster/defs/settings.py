@@ -104,10 +104,6 @@ class EffectiveSettings:
         prefix = name + "."
         return {key[len(prefix):]: value for key, value in self.values.items() if key.startswith(prefix)}
 
-    def describe(self, key: str) -> str:
-        return f"{key} (from {self.sources.get(key, 'default')})"
-
-
 def settings_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("PHOTOSET_SETTINGS") or project_root() / SETTINGS_FILE)

@@ -28,6 +28,8 @@ from .runner import run_model_stage
 from .sync import SyncOptions, SyncStats, run_sync_stage
 
 Item = Outcome | Note | StageDone
+# How long a run waits for a prune to let go of the data (a prune of a whole list takes minutes).
+SHARED_LOCK_WAIT_S = 3600.0
 
 
 @dataclass
@@ -119,16 +121,8 @@ def run_pipeline(
 
 def _acquire_shared(lock: DataLock, cancel: threading.Event | None) -> Iterator[Note]:
     """Wait for the shared lock (prune holds it), saying what it waits for every few seconds."""
-    next_report = 0.0
-    while not lock.try_acquire():
-        if time.monotonic() >= next_report:
-            yield Note(f"waiting for the data lock, held by {lock.describe_holders()}", "warning")
-            next_report = time.monotonic() + 5.0
-        if cancel is not None and cancel.wait(0.2):
-            lock.release()
-            raise InterruptedError("interrupted while waiting for the data lock")
-        if cancel is None:
-            time.sleep(0.2)
+    for message in lock.waiting(SHARED_LOCK_WAIT_S, cancel=cancel):
+        yield Note(message, "warning")
 
 
 def _blocked(stage: str, failed: Mapping[str, Mapping[str, tuple[str, bool]]]) -> dict[str, str]:
