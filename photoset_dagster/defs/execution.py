@@ -113,6 +113,8 @@ def run_and_record(
         yield from recorder.flush()  # what finished before the error stays recorded
         raise
     finally:
+        for work in works.values():  # the models first: the device and the slot then go to the next run
+            work.provider.resource.unload()
         slot.release()
     yield from recorder.finish(tolerate_failures=tolerate_failures)
     return recorder.summary

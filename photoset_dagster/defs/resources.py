@@ -127,6 +127,11 @@ class _ModelResource(dg.ConfigurableResource):
         return self._model
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.unload()
+
+    def unload(self) -> None:
+        """Let the loaded model go: its threads and connections, and its GPU memory now, not at the end of
+        the run (the run's device may go to another run first)."""
         if self._model is None:
             return
         close = getattr(self._model, "close", None)
