@@ -7,6 +7,8 @@ the near-duplicate clusters side by side. The asset's metadata links it and show
 """
 
 import base64
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import dagster as dg
@@ -31,9 +33,10 @@ DATASET_REPORT = "dataset_report"
 GALLERY_SIZE = 12  # thumbnails inlined in the report asset's metadata (the UI renders Markdown images)
 
 
-def _records(photoset: PhotosetConfig) -> list[dict[str, Any]]:
+def _records(photoset: PhotosetConfig) -> Iterator[dict[str, Any]]:
     path = photoset.layout.dataset_jsonl
-    return [record for _, record, _ in iter_jsonl(path) if record is not None] if path.is_file() else []
+    if path.is_file():
+        yield from (record for _, record, _ in iter_jsonl(path) if record is not None)
 
 
 @dg.asset(
@@ -128,7 +131,7 @@ def _gallery(photoset: PhotosetConfig) -> str:
     cells = []
     clustered = {member for cluster in read_clusters(near_duplicates_path(layout))
                  for member in cluster.members}
-    for record in _records(photoset)[:GALLERY_SIZE]:
+    for record in itertools.islice(_records(photoset), GALLERY_SIZE):  # the first few, not the whole file
         path = layout.thumbnail_path(record["image_id"])
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
